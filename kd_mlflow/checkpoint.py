@@ -1,0 +1,79 @@
+"""Checkpoints: a plain state dict plus a small metadata dict, loaded weights-only.
+
+A checkpoint is untrusted input (it may come from a colleague, a registry or the
+internet), so it is only ever read with ``torch.load(weights_only=True)``, which
+refuses pickled code. Writes go to a temporary file that is renamed into place, so
+a crash or a full disk never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+META_KEYS = ("arch", "dataset", "num_classes", "in_channels")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}; choose a writable directory") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another directory") from exc
+        raise
+    return path
+
+
+def save_model_checkpoint(path, model: torch.nn.Module, meta: dict) -> Path:
+    missing = [k for k in META_KEYS if k not in meta]
+    assert not missing, f"checkpoint metadata lacks {missing}"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_save({"format": "kd-mlflow/1", "state_dict": state, "meta": dict(meta)}, path)
+
+
+def load_model_checkpoint(path) -> tuple[dict, dict]:
+    """-> (state_dict, meta). Every failure is a ConfigError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"teacher checkpoint {path} does not exist; train one with "
+            f"`mlflow run . -e teacher -P arch=ARCH -P output={path}` or pass another -P teacher_checkpoint"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise ConfigError(
+                f"{path} contains pickled code, which is refused (weights_only loading); "
+                f"re-save it as a plain state dict with kd-mlflow"
+            ) from exc
+        raise ConfigError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {text.splitlines()[0][:100] if text else ''}); "
+            f"it may be truncated or of another format: re-create it with `mlflow run . -e teacher`"
+        ) from exc
+    if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
+        raise ConfigError(
+            f"{path} is not a kd-mlflow checkpoint (no state_dict/meta); re-create it with `mlflow run . -e teacher`"
+        )
+    meta = obj["meta"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ConfigError(f"{path} lacks metadata {missing}; re-create it with `mlflow run . -e teacher`")
+    return obj["state_dict"], meta

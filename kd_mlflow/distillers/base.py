@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher(s) + trainable connectors.
+
+    ``forward(x, y)`` returns ``(student_logits, {term: loss})``; the trainer sums the
+    terms. Teachers never train: their parameters are frozen, ``train()`` keeps them in
+    eval mode (BN statistics untouched), and their forward runs without autograd.
+    """
+
+    def __init__(self, student: nn.Module, teachers=(), cfg=None):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.cfg = cfg
+        for t in self.teachers:
+            t.requires_grad_(False)
+            t.eval()
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.teachers[0]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for t in self.teachers:
+            t.eval()
+        return self
+
+    def trainable_parameters(self):
+        frozen = {id(p) for p in self.teachers.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen and p.requires_grad]
+
+    def trainable_state_dict(self) -> dict:
+        """Student and connectors (what a resume needs); teachers are reloaded from their files."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teachers.")}
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NoKD(Distiller):
+    """Cross-entropy only: the baseline every distillation mode is compared against."""
+
+    def forward(self, x, y):
+        logits = self.student(x)
+        return logits, {"ce": F.cross_entropy(logits, y)}

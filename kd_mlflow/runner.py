@@ -1,0 +1,141 @@
+"""From a validated Config to a finished, logged, registered run.
+
+``run(cfg)`` checks everything that can be checked (mode, device, teacher file and
+its shape, output directory, dataset sizes) before it creates an MLflow run, then
+trains through ``train_student`` — which multi-stage strategies call once per stage
+inside nested runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_model_checkpoint
+from .config import Config, ConfigError
+from .data import DataBundle, DeviceBatches, load_data
+from .models import create_model
+from .modes import MODES
+from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
+from .trainer import Trainer, evaluate, resolve_device, resolve_precision, seed_everything
+
+RUNS_DIR = Path("runs")
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: object  # torch.dtype or None
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    test_acc: float
+    best_val_acc: float
+    best_epoch: int
+    registered_model: str | None
+    version: int | None
+    checkpoint: Path
+    history: list
+
+
+def runtime_for(cfg: Config) -> Runtime:
+    device = resolve_device(cfg.device)
+    return Runtime(device, resolve_precision(cfg.precision, device))
+
+
+def teacher_output_path(cfg: Config) -> Path:
+    return Path(cfg.output) if cfg.output else PRETRAINED_DIR / f"{cfg.dataset}-{cfg.arch}.pt"
+
+
+def _check_writable(path: Path) -> None:
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".kd-mlflow-write-test-{path.name}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output {path}: {exc.strerror}; pass -P output=PATH in a writable directory") from exc
+
+
+def example_input(data: DataBundle, n: int = 2) -> torch.Tensor:
+    batches = DeviceBatches(data.test, data.info, n, device="cpu", shuffle=False, augment=False,
+                            channels_last=False)
+    return batches.normalize(data.test.x[:n])
+
+
+def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
+                  *, teacher_meta: dict | None = None, desc: str = "") -> TrainResult:
+    """One training: build the student, fit, measure test_acc once on the selected
+    (best validation) student, and log figures, config, checkpoint and model."""
+    from .plots import learning_curves
+
+    seed_everything(cfg.seed)
+    info = data.info
+    student = create_model(cfg.network, info.num_classes, info.in_channels)
+    distiller = distiller_cls(student, teachers, cfg)
+    workdir = RUNS_DIR / (tracker.run_id or "untracked")
+    fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
+                  workdir=workdir, progress_desc=desc or cfg.mode).fit()
+    test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False)
+    test_acc, _ = evaluate(student, test_batches, rt.amp_dtype)
+    final = {"test_acc": test_acc, "best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch}
+    if teacher_meta and "test_acc" in teacher_meta:
+        final["teacher_test_acc"] = float(teacher_meta["test_acc"])
+    tracker.log_metrics(final)
+    tracker.log_figure(learning_curves(fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}"),
+                       "figures/learning_curves.png")
+    tracker.log_dict(cfg.params(), "config.json")
+
+    student_cpu = student.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
+    meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "test_acc": test_acc, "best_val_acc": fit.best_val_acc,
+            "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
+    checkpoint = save_model_checkpoint(workdir / "model.pt", student_cpu, meta)
+    version = tracker.log_model(student_cpu, example_input(data), registered_name=cfg.model_name,
+                                checkpoint=checkpoint)
+    return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
+                       cfg.model_name if version is not None else None, version, checkpoint, fit.history)
+
+
+def run(cfg: Config, tracker_factory=None) -> TrainResult:
+    """Validate, prepare, then train ``cfg.mode`` in a (possibly adopted) MLflow run."""
+    from .tracking import start_run
+
+    cfg.validate()
+    mode = MODES[cfg.mode]
+    impl = mode.load()
+    rt = runtime_for(cfg)
+    teachers, teacher_meta = [], None
+    teacher_tag = "none"
+    if mode.needs_teacher:
+        source = teacher_source(cfg)
+        teacher, teacher_meta = load_teacher(source, cfg)
+        teachers = [teacher]
+        teacher_tag = teacher_meta["arch"]
+        if cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
+            print(f"note: the teacher checkpoint is a {teacher_tag}; -P teacher={cfg.teacher} is ignored",
+                  file=sys.stderr)
+    output = teacher_output_path(cfg) if mode.kind == "teacher" else None
+    if output is not None:
+        _check_writable(output)
+    data = load_data(cfg)
+
+    tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
+            "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32"}
+    start = tracker_factory or start_run
+    with start(cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}") as tracker:
+        if mode.kind == "strategy":
+            return impl(cfg, data, teachers, tracker, rt)
+        result = train_student(cfg, impl, data, teachers, tracker, rt, teacher_meta=teacher_meta)
+        if output is not None:
+            shutil.copyfile(result.checkpoint, output)
+            tracker.set_tags({"checkpoint_path": str(output)})
+            print(f"teacher checkpoint written to {output}")
+    return result

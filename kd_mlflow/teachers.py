@@ -1,0 +1,76 @@
+"""Where a teacher comes from: a checkpoint file, ``pretrained:<name>``, or a
+``models:/`` URI of the registry. Every check runs before data is loaded or a run is
+created, so a wrong teacher costs a one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import load_model_checkpoint
+from .config import Config, ConfigError
+from .data import DATASETS
+from .models import create_model
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def teacher_source(cfg: Config, spec: str | None = None) -> str:
+    """The checkpoint path or ``models:/`` URI of the run's teacher."""
+    if spec is None:
+        if cfg.teacher_checkpoint:
+            return cfg.teacher_checkpoint
+        spec = cfg.teacher
+    if spec.startswith("models:/") or spec.endswith(".pt") or "/" in spec:
+        return spec
+    name = spec[len("pretrained:"):] if spec.startswith("pretrained:") else f"{cfg.dataset}-{spec}"
+    path = PRETRAINED_DIR / f"{name}.pt"
+    if not path.is_file():
+        raise ConfigError(
+            f"no teacher checkpoint: {path} does not exist; train one with "
+            f"`mlflow run . -e teacher -P dataset={cfg.dataset} -P arch={spec.split('-')[-1] if spec.startswith('pretrained:') else spec}` "
+            f"or pass -P teacher_checkpoint=PATH"
+        )
+    return str(path)
+
+
+def _download_registered(uri: str) -> Path:
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot fetch {uri} from the registry at {mlflow.get_tracking_uri()} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); check the name and version with "
+            f"`kd-mlflow models list`"
+        ) from exc
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise ConfigError(f"{uri} has no kd-mlflow checkpoint (extra_files/*.pt); register it with kd-mlflow")
+    return found[0]
+
+
+def load_teacher(source: str, cfg: Config):
+    """-> (frozen-ready model on CPU, metadata), checked against the run's dataset."""
+    path = _download_registered(source) if source.startswith("models:/") else Path(source)
+    state, meta = load_model_checkpoint(path)
+    info = DATASETS[cfg.dataset]
+    if int(meta["num_classes"]) != info.num_classes or int(meta["in_channels"]) != info.in_channels:
+        raise ConfigError(
+            f"teacher {source} was made for {meta['num_classes']} classes x {meta['in_channels']} channels "
+            f"({meta['dataset']}), but {cfg.dataset} has {info.num_classes} x {info.in_channels}; "
+            f"use a teacher trained on {cfg.dataset}"
+        )
+    if meta["dataset"] != cfg.dataset:
+        raise ConfigError(
+            f"teacher {source} was trained on {meta['dataset']}, not {cfg.dataset}; use a teacher trained on {cfg.dataset}"
+        )
+    try:
+        model = create_model(meta["arch"], info.num_classes, info.in_channels)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"teacher {source} does not load as a {meta['arch']} ({str(exc).splitlines()[0][:120]}); "
+            f"re-create it with `mlflow run . -e teacher`"
+        ) from exc
+    return model, meta

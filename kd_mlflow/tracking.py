@@ -1,0 +1,184 @@
+"""All of MLflow lives here. Everything else receives a tracker with a few methods.
+
+Run ownership: under ``mlflow run`` the entry point logs into the run MLflow created
+(``MLFLOW_RUN_ID``), never a second top-level run; launched directly, we create it.
+Multi-stage modes open nested child runs with ``tracker.child(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+DEFAULT_EXPERIMENT = "kd-mlflow"
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class NullTracker:
+    """Tracker that records nothing (benchmarks measure the trainer without MLflow)."""
+
+    run_id = None
+
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
+    def log_dict(self, obj, path: str) -> None: ...
+    def log_figure(self, fig, path: str) -> None: ...
+    def log_artifact(self, local_path, artifact_path: str | None = None) -> None: ...
+
+    def log_model(self, *args, **kwargs):
+        return None
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: dict | None = None):
+        yield self
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_PACKAGE_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pip_requirements() -> list[str]:
+    import mlflow
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}"]
+
+
+class MlflowTracker:
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import mlflow
+
+        # Asynchronous: the epoch loop never waits on the tracking server.
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+    def log_dict(self, obj, path: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(obj, path)
+
+    def log_figure(self, fig, path: str) -> None:
+        import matplotlib.pyplot as plt
+        import mlflow
+
+        mlflow.log_figure(fig, path)
+        plt.close(fig)
+
+    def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(local_path), artifact_path)
+
+    def log_model(self, model, example, *, registered_name: str | None, checkpoint: Path | None = None,
+                  name: str = "model"):
+        """Log ``model`` (an nn.Module, moved to CPU fp32) in MLflow's pickle-free pt2 format,
+        with signature, input example and explicit requirements (inferring them costs ~30 s),
+        plus the kd-mlflow checkpoint so the registered model can serve as a teacher.
+        Returns the registered version number (or None)."""
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.eval()
+        with torch.no_grad():
+            output = model(example)
+        example_np = example.numpy()
+        signature = infer_signature(example_np, output.numpy())
+        info = mlflow.pytorch.log_model(
+            model, name=name, input_example=example_np, signature=signature,
+            pip_requirements=pip_requirements(), serialization_format="pt2",
+            registered_model_name=registered_name or None,
+            extra_files=[str(checkpoint)] if checkpoint else None,
+        )
+        version = getattr(info, "registered_model_version", None)
+        return int(version) if version is not None else None
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: dict | None = None):
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+            yield MlflowTracker(run.info.run_id)
+
+
+def _select_experiment(experiment: str) -> None:
+    import mlflow
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return  # the run exists already; its experiment was chosen by `mlflow run`
+    if experiment:
+        mlflow.set_experiment(experiment)
+    elif not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        mlflow.set_experiment(DEFAULT_EXPERIMENT)
+
+
+@contextlib.contextmanager
+def start_run(params: dict, tags: dict, run_name: str | None = None):
+    """Open (or, under ``mlflow run``, adopt) the run; log params and tags; yield a tracker.
+
+    An exception inside marks the run FAILED and stores the traceback as an artifact;
+    Ctrl-C marks it KILLED. No error path leaves a run RUNNING."""
+    import traceback
+
+    import mlflow
+
+    _select_experiment(params.get("experiment", ""))
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    tracker = MlflowTracker(run.info.run_id)
+    status = "FINISHED"
+    try:
+        tracker.log_params(params)
+        tracker.set_tags({**tags, "git_commit": git_commit()})
+        yield tracker
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
+        with contextlib.suppress(Exception):
+            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()
+        mlflow.end_run(status=status)
+
+
+def write_json(obj, directory: Path, name: str) -> Path:
+    path = Path(directory) / name
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    return path
+
+
+def new_tmpdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="kd-mlflow-")

@@ -1,0 +1,222 @@
+"""The one training loop. It knows no mode (the Distiller supplies the losses) and no
+MLflow (it reports to a tracker with ``log_metrics``).
+
+Hot-loop rules: nothing forces a device sync per step. Loss terms and accuracy are
+accumulated on the device and read once per epoch; the progress bar counts batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import atomic_save
+from .config import Config, ConfigError
+from .data import DataBundle, DeviceBatches
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ runtime
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use -P device=auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but MPS is not available here; use -P device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device):
+    """-> autocast dtype, or None for fp32."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if name == "bf16":
+            raise ConfigError("precision=bf16 but this GPU has no bf16 support; use -P precision=fp32")
+        return None
+    if device.type == "cpu":
+        # On CPUs without native bf16 (no AVX512-BF16/AMX) oneDNN emulates it; "auto"
+        # keeps fp32 there, an explicit "bf16" is honoured.
+        if name == "bf16" or _cpu_has_native_bf16():
+            return torch.bfloat16
+        return None
+    if name == "bf16":
+        raise ConfigError(f"precision=bf16 is not supported on {device.type}; use -P precision=fp32")
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def build_optimizer(params, cfg: Config):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: Config, epochs: int):
+    if cfg.scheduler == "multistep":
+        milestones = sorted({max(1, round(epochs / 3)), max(1, round(2 * epochs / 3))})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: DeviceBatches, amp_dtype=None) -> tuple[float, float]:
+    """-> (accuracy in %, mean cross-entropy) of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=batches.device)
+    loss = torch.zeros((), device=batches.device)
+    n = 0
+    with autocast(batches.device, amp_dtype):
+        for x, y in batches:
+            logits = model(x).float()
+            correct += (logits.argmax(1) == y).sum()
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            n += len(y)
+    model.train(was_training)
+    return 100.0 * correct.item() / max(n, 1), loss.item() / max(n, 1)
+
+
+# ------------------------------------------------------------------ fitting
+@dataclass
+class FitResult:
+    best_val_acc: float
+    best_epoch: int
+    best_student_state: dict
+    history: list = field(default_factory=list)  # one metrics dict per epoch
+
+
+class Trainer:
+    def __init__(self, distiller, data: DataBundle, cfg: Config, *, device: torch.device, amp_dtype,
+                 tracker, workdir: Path, epochs: int | None = None, progress_desc: str = ""):
+        self.distiller = distiller.to(device).to(memory_format=torch.channels_last)
+        self.data = data
+        self.cfg = cfg
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.tracker = tracker
+        self.workdir = Path(workdir)
+        self.epochs = epochs or cfg.epochs
+        self.desc = progress_desc or cfg.mode
+        self.train_batches = DeviceBatches(data.train, data.info, cfg.batch_size, device=device,
+                                           shuffle=True, augment=True, seed=cfg.seed)
+        self.val_batches = DeviceBatches(data.val, data.info, max(cfg.batch_size, 256), device=device,
+                                         shuffle=False, augment=False)
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.epochs)
+
+    def fit(self) -> FitResult:
+        student = self.distiller.student
+        best = FitResult(-1.0, -1, {}, [])
+        interactive = sys.stderr.isatty()
+        for epoch in range(self.epochs):
+            start = time.perf_counter()
+            terms, train_acc, train_seconds = self._train_epoch(epoch, interactive)
+            val_acc, val_loss = evaluate(student, self.val_batches, self.amp_dtype)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            metrics = {"train_loss": sum(terms.values()), **{f"loss_{k}": v for k, v in terms.items()},
+                       "train_acc": train_acc, "val_acc": val_acc, "val_loss": val_loss, "lr": lr,
+                       "images_per_second": self.train_batches.num_images / train_seconds}
+            if val_acc > best.best_val_acc:
+                best.best_val_acc, best.best_epoch = val_acc, epoch
+                best.best_student_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
+            self._checkpoint(epoch, best)
+            metrics["epoch_seconds"] = time.perf_counter() - start
+            best.history.append(metrics)
+            self.tracker.log_metrics(metrics, step=epoch)
+            line = (f"[{self.desc}] epoch {epoch + 1}/{self.epochs} loss {metrics['train_loss']:.4f} "
+                    f"train_acc {train_acc:.2f} val_acc {val_acc:.2f} "
+                    f"({metrics['images_per_second']:.0f} img/s, {metrics['epoch_seconds']:.1f}s)")
+            tqdm.write(line, file=sys.stderr)
+        student.load_state_dict(best.best_student_state)
+        return best
+
+    def _train_epoch(self, epoch: int, interactive: bool):
+        self.distiller.train()
+        if hasattr(self.distiller, "on_epoch_start"):
+            self.distiller.on_epoch_start(epoch)
+        sums = None
+        names: list[str] = []
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        bar = tqdm(self.train_batches, desc=f"[{self.desc}] epoch {epoch + 1}/{self.epochs}",
+                   leave=False, disable=not interactive, file=sys.stderr)
+        start = time.perf_counter()
+        for x, y in bar:
+            with autocast(self.device, self.amp_dtype):
+                logits, losses = self.distiller(x, y)
+                loss = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            values = torch.stack([v.detach().float() for v in losses.values()]) * len(y)
+            if sums is None:
+                names, sums = list(losses), values
+            else:
+                sums += values
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        totals = (sums / seen).tolist()  # the one sync of the epoch
+        train_seconds = time.perf_counter() - start
+        terms = dict(zip(names, totals))
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"loss term {name!r} became {value} in epoch {epoch + 1}; lower -P lr or check the inputs "
+                    f"(the last good checkpoint is {self.workdir / 'last.pt'})"
+                )
+        return terms, 100.0 * correct.item() / seen, train_seconds
+
+    def _checkpoint(self, epoch: int, best: FitResult) -> None:
+        atomic_save({
+            "epoch": epoch,
+            "distiller": {k: v.detach().cpu() for k, v in self.distiller.trainable_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_val_acc": best.best_val_acc,
+            "best_epoch": best.best_epoch,
+            "best_student_state": best.best_student_state,
+            "torch_rng": torch.get_rng_state(),
+            "batch_rng": self.train_batches.generator.get_state(),
+        }, self.workdir / "last.pt")
