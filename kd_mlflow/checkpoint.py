@@ -9,6 +9,7 @@ a crash or a full disk never leaves a half-written checkpoint under the real nam
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another directory") from exc
         raise
     return path
+
+
+def atomic_copy(src, dst) -> Path:
+    """Copy a file so that ``dst`` is either the old file or the complete new one."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def save_model_checkpoint(path, model: torch.nn.Module, meta: dict) -> Path:

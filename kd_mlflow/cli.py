@@ -28,7 +28,7 @@ def config_options(mode_name: str):
             help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
             dashed = "--" + name.replace("_", "-")
             decls = [dashed, "--" + name] if "_" in name else [dashed]
-            fn = click.option(*decls, name, type=_TYPES[f.type], default=f.default,
+            fn = click.option(*decls, name, type=_TYPES[f.type], default=Config.default_for(mode_name, name),
                               show_default=True, help=help_text)(fn)
         return fn
 
@@ -84,13 +84,12 @@ def train() -> None:
 
 def _make_train_command(mode_name: str):
     mode = MODES[mode_name]
-    status = "" if mode.implemented else " [not implemented yet]"
 
-    @train.command(name=mode_name, help=mode.summary + status, short_help=mode.summary[:60] + status)
+    @train.command(name=mode_name, help=mode.summary, short_help=mode.summary)
     @config_options(mode_name)
     def command(**kwargs):
         try:
-            cfg = Config(mode=mode_name, **kwargs).validate()
+            cfg = Config.for_mode(mode_name, **kwargs).validate()
         except ConfigError as exc:
             _fail(exc)
         run_config(cfg)
@@ -106,7 +105,7 @@ for _name in DISTILLATION_MODES:
 @config_options("teacher")
 def teacher_command(**kwargs):
     try:
-        cfg = Config(mode="teacher", **kwargs).validate()
+        cfg = Config.for_mode("teacher", **kwargs).validate()
     except ConfigError as exc:
         _fail(exc)
     run_config(cfg)

@@ -54,8 +54,42 @@ class Config:
     registered_model: str = _f("", "Registry name; empty = <dataset>-<student>-<mode>.")
     temperature: float = _f(4.0, "Softmax temperature T of the KD term.")
     alpha: float = _f(0.9, "Weight of the KD term; CE gets 1 - alpha.")
+    # --- mode-specific (see modes.py for which mode uses which, and per-mode defaults)
+    teachers: str = _f("resnet14,resnet20", "allkd: comma-separated teachers (architectures, checkpoints or models:/ URIs).")
+    teacher_epochs: int = _f(0, "allkd: epochs for teachers that must be trained first (0 = epochs).")
+    temperatures: str = _f("1,2,4,8,16", "kdparam: comma-separated temperatures of the grid.")
+    alphas: str = _f("0.1,0.5,0.7,0.9,1.0", "kdparam: comma-separated alphas of the grid.")
+    ensemble: str = _f("", "multikd: comma-separated >= 2 teacher checkpoints or models:/ URIs.")
+    assistants: str = _f("resnet14", "takd: comma-separated assistant architectures, teacher side first.")
+    triplet_margin: float = _f(0.2, "triplet: margin of the triplet loss on L2-normalised logits.")
+    triplet_weight: float = _f(1.0, "triplet: weight of the triplet term.")
+    uda_weight: float = _f(1.0, "uda: weight of the consistency term.")
+    uda_temperature: float = _f(0.4, "uda: sharpening temperature of the consistency target.")
+    uda_threshold: float = _f(0.8, "uda: confidence below which unlabelled samples are masked out.")
+    labeled_fraction: float = _f(1.0, "uda: fraction of training images that keep their labels.")
+    ab_epochs: int = _f(0, "ab: epochs of activation-boundary initialisation (0 = 10% of epochs, >= 1).")
+    ab_margin: float = _f(1.0, "ab: margin of the activation-boundary loss.")
+    beta: float = _f(1.0, "Weight of the feature term (oh 1e-3, pkd 100, sfd 1.0).")
+    rkd_distance_weight: float = _f(25.0, "rkd: weight of the distance-wise term.")
+    rkd_angle_weight: float = _f(50.0, "rkd: weight of the angle-wise term.")
 
     # ----------------------------------------------------------------- helpers
+    @classmethod
+    def for_mode(cls, mode: str, **values) -> "Config":
+        """A Config with the mode's own defaults (e.g. beta) under the given values."""
+        from .modes import MODES
+
+        defaults = dict(MODES[mode].defaults) if mode in MODES else {}
+        return cls(mode=mode, **{**defaults, **values})
+
+    @classmethod
+    def default_for(cls, mode: str, name: str):
+        from .modes import MODES
+
+        if mode in MODES and name in MODES[mode].defaults:
+            return MODES[mode].defaults[name]
+        return cls.field_info(name).default
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -86,6 +120,22 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    def list_of(self, name: str) -> list[str]:
+        """A comma-separated list parameter as a list of non-empty, stripped items."""
+        return [item.strip() for item in str(getattr(self, name)).split(",") if item.strip()]
+
+    def floats_of(self, name: str) -> list[float]:
+        try:
+            return [float(v) for v in self.list_of(name)]
+        except ValueError:
+            raise ConfigError(
+                f"{name}={getattr(self, name)!r} is not a comma-separated list of numbers; e.g. -P {name}=1,2,4"
+            ) from None
+
+    @property
+    def ab_init_epochs(self) -> int:
+        return self.ab_epochs or max(1, round(0.1 * self.epochs))
 
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.environ.get("KD_DATA_DIR", "")
@@ -133,4 +183,50 @@ class Config:
             need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         if "alpha" in uses:
             need(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        self._validate_mode_specific(uses, need)
         return self
+
+    def _validate_mode_specific(self, uses: set, need) -> None:
+        from .models import ARCHITECTURES, is_known_architecture
+
+        if "teachers" in uses:
+            need(len(self.list_of("teachers")) >= 1,
+                 "teachers is empty; pass -P teachers=resnet14,resnet20 (architectures, checkpoints or models:/ URIs)")
+        if "teacher_epochs" in uses:
+            need(self.teacher_epochs >= 0, f"teacher_epochs must be >= 0 (0 = epochs), got {self.teacher_epochs}")
+        if "temperatures" in uses:
+            temps = self.floats_of("temperatures")
+            need(len(temps) >= 1, "temperatures is empty; e.g. -P temperatures=1,2,4,8,16")
+            need(all(t > 0 for t in temps), f"every temperature must be > 0, got {self.temperatures}")
+        if "alphas" in uses:
+            alphas = self.floats_of("alphas")
+            need(len(alphas) >= 1, "alphas is empty; e.g. -P alphas=0.1,0.5,0.9")
+            need(all(0 <= a <= 1 for a in alphas), f"every alpha must be in [0, 1], got {self.alphas}")
+        if "ensemble" in uses:
+            need(len(self.list_of("ensemble")) >= 2,
+                 f"multikd needs an ensemble of >= 2 teachers, got {len(self.list_of('ensemble'))}; "
+                 f"pass -P ensemble=ckpt1.pt,ckpt2.pt (files or models:/ URIs)")
+        if "assistants" in uses:
+            chain = self.list_of("assistants")
+            need(len(chain) >= 1, "takd needs at least one assistant; e.g. -P assistants=resnet14")
+            for arch in chain:
+                need(is_known_architecture(arch),
+                     f"unknown assistant architecture {arch!r}; choose from: {', '.join(ARCHITECTURES)}")
+        if "triplet_margin" in uses:
+            need(self.triplet_margin >= 0, f"triplet_margin must be >= 0, got {self.triplet_margin}")
+        for name in ("triplet_weight", "uda_weight", "beta", "rkd_distance_weight", "rkd_angle_weight"):
+            if name in uses:
+                need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        if "uda_temperature" in uses:
+            need(self.uda_temperature > 0, f"uda_temperature must be > 0, got {self.uda_temperature}")
+        if "uda_threshold" in uses:
+            need(0 <= self.uda_threshold <= 1, f"uda_threshold must be in [0, 1], got {self.uda_threshold}")
+        if "labeled_fraction" in uses:
+            need(0 < self.labeled_fraction <= 1, f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
+        if "ab_epochs" in uses:
+            need(self.ab_epochs >= 0, f"ab_epochs must be >= 0 (0 = 10% of epochs), got {self.ab_epochs}")
+            need(self.ab_init_epochs < self.epochs,
+                 f"ab needs more epochs ({self.epochs}) than its {self.ab_init_epochs} activation-boundary "
+                 f"epochs so KD can follow; raise -P epochs or lower -P ab_epochs")
+        if "ab_margin" in uses:
+            need(self.ab_margin > 0, f"ab_margin must be > 0, got {self.ab_margin}")

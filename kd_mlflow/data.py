@@ -153,6 +153,7 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
+    unlabeled: Split | None = None  # semi-supervised modes (uda): images whose labels are not used
 
 
 def load_data(cfg: Config) -> DataBundle:

@@ -25,13 +25,13 @@ def _yaml_scalar(value) -> str:
     return repr(value)
 
 
-def _entry(name: str, command_prefix: str, fields) -> str:
+def _entry(name: str, mode: str, command_prefix: str, fields) -> str:
     types = {f.name: f for f in dataclasses.fields(Config)}
     lines = [f"  {name}:", "    parameters:"]
     for field_name in fields:
         f = types[field_name]
         mtype = "float" if f.type in ("int", "float") else "string"
-        lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(f.default)}}}")
+        lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(Config.default_for(mode, field_name))}}}")
     args = " ".join(f"--{n} {{{n}}}" for n in fields)
     lines.append(f'    command: "python entry_points/run.py {command_prefix} {args}"')
     return "\n".join(lines) + "\n"
@@ -40,8 +40,8 @@ def _entry(name: str, command_prefix: str, fields) -> str:
 def render_mlproject() -> str:
     parts = [HEADER]
     # `mlflow run .` with no -e runs "main": the Hinton KD experiment.
-    parts.append(_entry("main", "train kd", MODES["kd"].fields))
+    parts.append(_entry("main", "kd", "train kd", MODES["kd"].fields))
     for name, mode in MODES.items():
         prefix = "teacher" if mode.kind == "teacher" else f"train {name}"
-        parts.append(_entry(name, prefix, mode.fields))
+        parts.append(_entry(name, name, prefix, mode.fields))
     return "\n".join(parts)

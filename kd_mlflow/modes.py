@@ -8,7 +8,7 @@ does not import torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
@@ -24,49 +24,69 @@ class Mode:
     kind: str  # "distiller" (one training), "teacher", or "strategy" (nested trainings)
     fields: tuple
     target: str | None = None  # "module:attr"; None = not implemented yet
-    needs_teacher: bool = True
+    # Where the frozen teachers come from: "teacher" (teacher/teacher_checkpoint),
+    # "ensemble" (the ensemble list), or "" (none, or the strategy resolves its own).
+    teacher_source: str = "teacher"
+    defaults: dict = field(default_factory=dict)  # per-mode defaults that differ from Config's
     issue: str = ""
 
-    @property
-    def implemented(self) -> bool:
-        return self.target is not None
-
     def load(self):
-        if self.target is None:
-            from .config import ConfigError
+        """The implementing class or function; a clear ConfigError if it does not exist yet."""
+        module, attr = (self.target or ":").split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise  # a real missing dependency, not a missing mode
+        except (AttributeError, ValueError):
+            pass
+        from .config import ConfigError
 
-            raise ConfigError(
-                f"mode {self.name!r} is not implemented yet ({self.issue}); "
-                f"implemented modes: {', '.join(m.name for m in MODES.values() if m.implemented)}"
-            )
-        module, attr = self.target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        raise ConfigError(f"mode {self.name!r} is not implemented yet; {self.issue or 'see the README'}")
 
 
-def _pending(name: str, summary: str, kind: str = "distiller") -> Mode:
-    return Mode(name, summary, kind, (*DATA, *PAIR, *HINTON, *OPTIM, *RUNTIME),
-                issue="tracked in the 'all thirteen distillation modes' issue")
+COMMON = (*DATA, *PAIR, *OPTIM, *RUNTIME)
+
+
+def _kd(*extra) -> tuple:
+    return (*DATA, *PAIR, *HINTON, *extra, *OPTIM, *RUNTIME)
 
 
 _ALL = [
     Mode("nokd", "Student trained with cross-entropy only (the baseline).", "distiller",
-         (*DATA, *PAIR, *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", needs_teacher=False),
+         COMMON, "kd_mlflow.distillers.base:NoKD", teacher_source=""),
     Mode("kd", "Hinton et al. knowledge distillation from one frozen teacher.", "distiller",
-         (*DATA, *PAIR, *HINTON, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:HintonKD"),
-    _pending("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy"),
-    _pending("kdparam", "Grid search over KD temperature x alpha.", "strategy"),
-    _pending("triplet", "KD plus a triplet loss on normalised logits."),
-    _pending("multikd", "KD from the averaged KL of an ensemble of teachers."),
-    _pending("uda", "KD plus unsupervised data augmentation consistency."),
-    _pending("takd", "Teacher-assistant chain of KD trainings.", "strategy"),
-    _pending("ab", "Activation-boundary transfer, then KD."),
-    _pending("oh", "Overhaul of feature distillation (pre-ReLU, margin, partial L2)."),
-    _pending("rkd", "KD plus relational (distance and angle) losses."),
-    _pending("pkd", "KD plus patient (normalised stage feature) losses."),
-    _pending("sfd", "CE plus L2 between max-pooled stage features."),
+         _kd(), "kd_mlflow.distillers.kd:HintonKD"),
+    Mode("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy",
+         (*DATA, "student", "teachers", "teacher_epochs", *HINTON, *OPTIM, *RUNTIME),
+         "kd_mlflow.strategies:allkd", teacher_source=""),
+    Mode("kdparam", "Grid search over KD temperature x alpha, one nested run per pair.", "strategy",
+         (*DATA, *PAIR, "temperatures", "alphas", *OPTIM, *RUNTIME), "kd_mlflow.strategies:kdparam"),
+    Mode("triplet", "KD plus a triplet loss on L2-normalised logits (hardest in-batch negative).", "distiller",
+         _kd("triplet_margin", "triplet_weight"), "kd_mlflow.distillers.triplet:TripletKD"),
+    Mode("multikd", "KD from the averaged KL to each member of a teacher ensemble.", "distiller",
+         (*DATA, "student", "ensemble", *HINTON, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD",
+         teacher_source="ensemble"),
+    Mode("uda", "KD on clean and RandAugment views plus UDA consistency on unlabelled data.", "distiller",
+         _kd("uda_weight", "uda_temperature", "uda_threshold", "labeled_fraction"),
+         "kd_mlflow.distillers.uda:UDAKD"),
+    Mode("takd", "Teacher-assistant chain: KD teacher -> assistants -> student, one nested run per link.",
+         "strategy", _kd("assistants"), "kd_mlflow.strategies:takd"),
+    Mode("ab", "Activation-boundary transfer on pre-ReLU stage features, then KD.", "distiller",
+         _kd("ab_epochs", "ab_margin"), "kd_mlflow.distillers.ab:ActivationBoundaries"),
+    Mode("oh", "Overhaul of feature distillation: pre-ReLU features, teacher-BN margins, partial L2.",
+         "distiller", (*COMMON[:len(DATA) + len(PAIR)], "beta", *OPTIM, *RUNTIME),
+         "kd_mlflow.distillers.oh:Overhaul", defaults={"beta": 1e-3}),
+    Mode("rkd", "KD plus relational distance- and angle-wise losses on embeddings.", "distiller",
+         _kd("rkd_distance_weight", "rkd_angle_weight"), "kd_mlflow.distillers.rkd:RelationalKD"),
+    Mode("pkd", "KD plus patient (normalised pooled stage feature) losses.", "distiller",
+         _kd("beta"), "kd_mlflow.distillers.pkd:PatientKD", defaults={"beta": 100.0}),
+    Mode("sfd", "CE plus L2 between global-max-pooled student (via connector) and teacher stage features.",
+         "distiller", (*COMMON[:len(DATA) + len(PAIR)], "beta", *OPTIM, *RUNTIME),
+         "kd_mlflow.distillers.sfd:SimpleFeatureKD", defaults={"beta": 1.0}),
     Mode("teacher", "Train a network with cross-entropy and write a teacher checkpoint.", "teacher",
          ("dataset", "arch", "output", "data_dir", "train_subset", "val_size", "test_subset",
-          *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", needs_teacher=False),
+          *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
 ]
 
 MODES: dict[str, Mode] = {m.name: m for m in _ALL}

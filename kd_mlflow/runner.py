@@ -8,14 +8,13 @@ inside nested runs.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import save_model_checkpoint
+from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError
 from .data import DataBundle, DeviceBatches, load_data
 from .models import create_model
@@ -42,6 +41,8 @@ class TrainResult:
     version: int | None
     checkpoint: Path
     history: list
+    model_uri: str | None = None
+    model: object = None  # the selected student, on CPU
 
 
 def runtime_for(cfg: Config) -> Runtime:
@@ -71,7 +72,7 @@ def example_input(data: DataBundle, n: int = 2) -> torch.Tensor:
 
 
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
-                  *, teacher_meta: dict | None = None, desc: str = "") -> TrainResult:
+                  *, teacher_meta: dict | None = None, desc: str = "", register: bool = True) -> TrainResult:
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
     from .plots import learning_curves
@@ -80,6 +81,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     info = data.info
     student = create_model(cfg.network, info.num_classes, info.in_channels)
     distiller = distiller_cls(student, teachers, cfg)
+    data = distiller_cls.adapt_data(data, cfg)
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
     fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
                   workdir=workdir, progress_desc=desc or cfg.mode).fit()
@@ -98,13 +100,27 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
             "in_channels": info.in_channels, "test_acc": test_acc, "best_val_acc": fit.best_val_acc,
             "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
     checkpoint = save_model_checkpoint(workdir / "model.pt", student_cpu, meta)
-    version = tracker.log_model(student_cpu, example_input(data), registered_name=cfg.model_name,
-                                checkpoint=checkpoint)
+    model_uri, version = tracker.log_model(student_cpu, example_input(data),
+                                           registered_name=cfg.model_name if register else None,
+                                           checkpoint=checkpoint)
     return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
-                       cfg.model_name if version is not None else None, version, checkpoint, fit.history)
+                       cfg.model_name if version is not None else None, version, checkpoint, fit.history,
+                       model_uri, student_cpu)
 
 
-def run(cfg: Config, tracker_factory=None) -> TrainResult:
+def load_teachers(cfg: Config, mode) -> tuple[list, list]:
+    """The frozen teachers the mode's distiller needs -> (models, metadata dicts)."""
+    if mode.teacher_source == "teacher":
+        sources = [teacher_source(cfg)]
+    elif mode.teacher_source == "ensemble":
+        sources = [teacher_source(cfg, spec) for spec in cfg.list_of("ensemble")]
+    else:
+        return [], []
+    loaded = [load_teacher(src, cfg) for src in sources]
+    return [m for m, _ in loaded], [meta for _, meta in loaded]
+
+
+def run(cfg: Config, tracker_factory=None):
     """Validate, prepare, then train ``cfg.mode`` in a (possibly adopted) MLflow run."""
     from .tracking import start_run
 
@@ -112,19 +128,18 @@ def run(cfg: Config, tracker_factory=None) -> TrainResult:
     mode = MODES[cfg.mode]
     impl = mode.load()
     rt = runtime_for(cfg)
-    teachers, teacher_meta = [], None
-    teacher_tag = "none"
-    if mode.needs_teacher:
-        source = teacher_source(cfg)
-        teacher, teacher_meta = load_teacher(source, cfg)
-        teachers = [teacher]
-        teacher_tag = teacher_meta["arch"]
-        if cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
-            print(f"note: the teacher checkpoint is a {teacher_tag}; -P teacher={cfg.teacher} is ignored",
-                  file=sys.stderr)
+    teachers, metas = load_teachers(cfg, mode)
+    teacher_tag = "+".join(m["arch"] for m in metas) or "none"
+    if mode.teacher_source == "teacher" and cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
+        print(f"note: the teacher checkpoint is a {teacher_tag}; -P teacher={cfg.teacher} is ignored",
+              file=sys.stderr)
+    if mode.name == "allkd":
+        teacher_tag = ",".join(cfg.list_of("teachers"))
     output = teacher_output_path(cfg) if mode.kind == "teacher" else None
     if output is not None:
         _check_writable(output)
+    if hasattr(impl, "prepare"):  # strategies check their own inputs before any run exists
+        impl.prepare(cfg)
     data = load_data(cfg)
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
@@ -132,10 +147,11 @@ def run(cfg: Config, tracker_factory=None) -> TrainResult:
     start = tracker_factory or start_run
     with start(cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}") as tracker:
         if mode.kind == "strategy":
-            return impl(cfg, data, teachers, tracker, rt)
-        result = train_student(cfg, impl, data, teachers, tracker, rt, teacher_meta=teacher_meta)
+            return impl(cfg, data, teachers, metas, tracker, rt)
+        result = train_student(cfg, impl, data, teachers, tracker, rt,
+                               teacher_meta=metas[0] if len(metas) == 1 else None)
         if output is not None:
-            shutil.copyfile(result.checkpoint, output)
+            atomic_copy(result.checkpoint, output)
             tracker.set_tags({"checkpoint_path": str(output)})
             print(f"teacher checkpoint written to {output}")
     return result

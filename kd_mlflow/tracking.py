@@ -8,10 +8,8 @@ Multi-stage modes open nested child runs with ``tracker.child(...)``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "kd-mlflow"
@@ -31,6 +29,9 @@ class NullTracker:
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None: ...
 
     def log_model(self, *args, **kwargs):
+        return None, None
+
+    def register(self, model_uri: str, name: str):
         return None
 
     @contextlib.contextmanager
@@ -103,7 +104,7 @@ class MlflowTracker:
         """Log ``model`` (an nn.Module, moved to CPU fp32) in MLflow's pickle-free pt2 format,
         with signature, input example and explicit requirements (inferring them costs ~30 s),
         plus the kd-mlflow checkpoint so the registered model can serve as a teacher.
-        Returns the registered version number (or None)."""
+        Returns (model_uri, registered version or None)."""
         import mlflow
         import torch
         from mlflow.models import infer_signature
@@ -120,7 +121,13 @@ class MlflowTracker:
             extra_files=[str(checkpoint)] if checkpoint else None,
         )
         version = getattr(info, "registered_model_version", None)
-        return int(version) if version is not None else None
+        return info.model_uri, (int(version) if version is not None else None)
+
+    def register(self, model_uri: str, name: str) -> int:
+        """Register an already logged model (e.g. the best child of a sweep) under ``name``."""
+        import mlflow
+
+        return int(mlflow.register_model(model_uri, name).version)
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None):
@@ -173,12 +180,3 @@ def start_run(params: dict, tags: dict, run_name: str | None = None):
             mlflow.flush_async_logging()
         mlflow.end_run(status=status)
 
-
-def write_json(obj, directory: Path, name: str) -> Path:
-    path = Path(directory) / name
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    return path
-
-
-def new_tmpdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="kd-mlflow-")

@@ -148,6 +148,7 @@ class Trainer:
     def fit(self) -> FitResult:
         student = self.distiller.student
         best = FitResult(-1.0, -1, {}, [])
+        self.distiller.on_fit_start(self)
         interactive = sys.stderr.isatty()
         for epoch in range(self.epochs):
             start = time.perf_counter()
@@ -174,8 +175,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, interactive: bool):
         self.distiller.train()
-        if hasattr(self.distiller, "on_epoch_start"):
-            self.distiller.on_epoch_start(epoch)
+        self.distiller.on_epoch_start(epoch)
         sums = None
         names: list[str] = []
         correct = torch.zeros((), device=self.device)

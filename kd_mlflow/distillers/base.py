@@ -22,6 +22,21 @@ class Distiller(nn.Module):
             t.requires_grad_(False)
             t.eval()
 
+    # Hooks a method may override (all optional):
+    #   adapt_data(data, cfg) -> DataBundle   classmethod, before training (e.g. UDA's
+    #                                          labelled subset + unlabelled pool)
+    #   on_fit_start(trainer)                  once, with the trainer's device and batches
+    #   on_epoch_start(epoch)                  before each epoch (e.g. AB's two phases)
+    @classmethod
+    def adapt_data(cls, data, cfg):
+        return data
+
+    def on_fit_start(self, trainer) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
     @property
     def teacher(self) -> nn.Module:
         return self.teachers[0]
