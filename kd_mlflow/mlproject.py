@@ -4,6 +4,7 @@ test fails when the committed file and the registry drift apart)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from .config import Config
 from .modes import MODES
@@ -21,7 +22,7 @@ entry_points:
 
 def _yaml_scalar(value) -> str:
     if isinstance(value, str):
-        return '""' if value == "" else value
+        return json.dumps(value)  # quoted: list values contain commas, which YAML flow maps split on
     return repr(value)
 
 

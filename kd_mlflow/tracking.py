@@ -164,6 +164,11 @@ def start_run(params: dict, tags: dict, run_name: str | None = None):
     tracker = MlflowTracker(run.info.run_id)
     status = "FINISHED"
     try:
+        if run_id:
+            # `mlflow run` has already logged the entry point's parameters (as the user
+            # typed them, e.g. lr=.1 or '' for empty); MLflow forbids changing a param,
+            # so only what it did not log is added.
+            params = {k: v for k, v in params.items() if k not in run.data.params}
         tracker.log_params(params)
         tracker.set_tags({**tags, "git_commit": git_commit()})
         yield tracker
