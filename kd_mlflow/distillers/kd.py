@@ -19,17 +19,22 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def hinton_terms(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, cfg) -> dict:
+    """Hinton's two terms, weighted: {"ce": (1 - alpha) CE, "kd": alpha T^2 KL}."""
+    a = cfg.alpha
+    return {
+        "ce": (1 - a) * F.cross_entropy(logits.float(), y),
+        "kd": a * hinton_kd_loss(logits, teacher_logits, cfg.temperature),
+    }
+
+
 class HintonKD(Distiller):
     """(1 - alpha) * CE(s, y) + alpha * T^2 * KL(p_t^T || p_s^T)."""
 
     def forward(self, x, y):
         t_logits = self.teacher_logits(x)
         logits = self.student(x)
-        a = self.cfg.alpha
-        return logits, {
-            "ce": (1 - a) * F.cross_entropy(logits, y),
-            "kd": a * hinton_kd_loss(logits, t_logits, self.cfg.temperature),
-        }
+        return logits, hinton_terms(logits, t_logits, y, self.cfg)
 
 
 def multi_teacher_kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float) -> torch.Tensor:

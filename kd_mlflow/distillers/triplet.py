@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Distiller
-from .kd import hinton_kd_loss
+from .kd import hinton_terms
 
 
 @torch.no_grad()
@@ -48,9 +48,7 @@ class TripletKD(Distiller):
         t_logits = self.teacher_logits(x)
         logits = self.student(x)
         cfg = self.cfg
-        a = cfg.alpha
         return logits, {
-            "ce": (1 - a) * F.cross_entropy(logits.float(), y),
-            "kd": a * hinton_kd_loss(logits, t_logits, cfg.temperature),
+            **hinton_terms(logits, t_logits, y, cfg),
             "triplet": cfg.triplet_weight * triplet_logit_loss(logits, t_logits, y, cfg.triplet_margin),
         }
