@@ -131,9 +131,17 @@ class MlflowTracker:
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None):
+        """A nested run under this one. Created explicitly with its parent id: under
+        `mlflow run`, MLFLOW_RUN_ID is set, and a plain start_run(nested=True) would
+        resume the parent itself instead of opening a child."""
         import mlflow
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+        client = mlflow.MlflowClient()
+        experiment_id = client.get_run(self.run_id).info.experiment_id
+        created = client.create_run(experiment_id, run_name=name,
+                                    tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
+        with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
             yield MlflowTracker(run.info.run_id)
 
 
