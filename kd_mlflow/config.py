@@ -50,6 +50,9 @@ class Config:
     device: str = _f("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: str = _f("auto", "auto (bf16 where the device runs it fast), fp32 or bf16.", ("auto", "fp32", "bf16"))
     data_dir: str = _f("", "Dataset directory (else $KD_DATA_DIR, the Debian package, then download).")
+    resume: str = _f("", "Continue an interrupted run from its last epoch checkpoint: its MLflow run id, "
+                         "or 'auto' (the latest unfinished run here with the same settings).")
+    compile: bool = _f(False, "torch.compile the student and teacher(s) (pays a one-off compile time).")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")
     registered_model: str = _f("", "Registry name; empty = <dataset>-<student>-<mode>.")
     temperature: float = _f(4.0, "Softmax temperature T of the KD term.")
@@ -113,7 +116,8 @@ class Config:
         """What is logged as MLflow params: the fields this mode uses."""
         from .modes import MODES
 
-        return {name: getattr(self, name) for name in ("mode", *MODES[self.mode].fields)}
+        # `resume` says how to run, not what: the resumed run keeps its own params.
+        return {name: getattr(self, name) for name in ("mode", *MODES[self.mode].fields) if name != "resume"}
 
     def to_json(self) -> str:
         return json.dumps(self.params(), indent=2, sort_keys=True)

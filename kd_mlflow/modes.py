@@ -8,11 +8,11 @@ does not import torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
-RUNTIME = ("seed", "device", "precision", "experiment", "registered_model")
+RUNTIME = ("seed", "device", "precision", "compile", "experiment", "registered_model")
 PAIR = ("student", "teacher", "teacher_checkpoint")
 HINTON = ("temperature", "alpha")
 
@@ -89,5 +89,7 @@ _ALL = [
           *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
 ]
 
+# Single trainings can continue from their last epoch checkpoint; strategies cannot (yet).
+_ALL = [m if m.kind == "strategy" else replace(m, fields=(*m.fields, "resume")) for m in _ALL]
 MODES: dict[str, Mode] = {m.name: m for m in _ALL}
 DISTILLATION_MODES = [m for m in MODES if m != "teacher"]

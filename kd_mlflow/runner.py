@@ -8,7 +8,11 @@ inside nested runs.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from .config import Config, ConfigError
 from .data import DataBundle, DeviceBatches, load_data
 from .models import create_model
 from .modes import MODES
+from . import pretrained
+from .pretrained import is_inside_pretrained
 from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
 from .trainer import Trainer, evaluate, resolve_device, resolve_precision, seed_everything
 
@@ -72,7 +78,8 @@ def example_input(data: DataBundle, n: int = 2) -> torch.Tensor:
 
 
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
-                  *, teacher_meta: dict | None = None, desc: str = "", register: bool = True) -> TrainResult:
+                  *, teacher_meta: dict | None = None, desc: str = "", register: bool = True,
+                  resume_state: dict | None = None) -> TrainResult:
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
     from .plots import learning_curves
@@ -84,7 +91,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     data = distiller_cls.adapt_data(data, cfg)
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
     fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
-                  workdir=workdir, progress_desc=desc or cfg.mode).fit()
+                  workdir=workdir, progress_desc=desc or cfg.mode).fit(resume_state)
     test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False)
     test_acc, _ = evaluate(student, test_batches, rt.amp_dtype)
     final = {"test_acc": test_acc, "best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch}
@@ -106,6 +113,27 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
                        cfg.model_name if version is not None else None, version, checkpoint, fit.history,
                        model_uri, student_cpu)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run is marked KILLED and the process exits != 0;
+    the last completed epoch's checkpoint stays for ``-P resume``."""
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_teachers(cfg: Config, mode) -> tuple[list, list]:
@@ -140,18 +168,30 @@ def run(cfg: Config, tracker_factory=None):
         _check_writable(output)
     if hasattr(impl, "prepare"):  # strategies check their own inputs before any run exists
         impl.prepare(cfg)
+    resume_run, resume_state = None, None
+    if cfg.resume:
+        from .tracking import resumable_run
+
+        resume_run = resumable_run(cfg.params(), cfg.resume, lambda rid: (RUNS_DIR / rid / "last.pt").is_file())
+        resume_state = torch.load(RUNS_DIR / resume_run / "last.pt", map_location="cpu", weights_only=True)
+        print(f"resuming run {resume_run} after epoch {resume_state['epoch'] + 1}/{resume_state['epochs']}",
+              file=sys.stderr)
     data = load_data(cfg)
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
             "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32"}
     start = tracker_factory or start_run
-    with start(cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}") as tracker:
+    extra = {"run_id": resume_run} if resume_run else {}
+    with _terminate_on_sigterm(), start(cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
         if mode.kind == "strategy":
             return impl(cfg, data, teachers, metas, tracker, rt)
         result = train_student(cfg, impl, data, teachers, tracker, rt,
-                               teacher_meta=metas[0] if len(metas) == 1 else None)
+                               teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state)
         if output is not None:
             atomic_copy(result.checkpoint, output)
             tracker.set_tags({"checkpoint_path": str(output)})
             print(f"teacher checkpoint written to {output}")
+            if is_inside_pretrained(output):
+                entry = pretrained.record(output, " ".join(shlex.quote(a) for a in sys.argv))
+                print(f"recorded in {pretrained.MANIFEST} (sha256 {entry['sha256'][:12]}...)")
     return result

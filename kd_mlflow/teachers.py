@@ -10,8 +10,8 @@ from .checkpoint import load_model_checkpoint
 from .config import Config, ConfigError
 from .data import DATASETS
 from .models import create_model
+from .pretrained import PRETRAINED_DIR
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
 
 def teacher_source(cfg: Config, spec: str | None = None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import sys
 import time
@@ -27,6 +28,21 @@ from .data import DataBundle, DeviceBatches
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED_AT
 
 
 # ------------------------------------------------------------------ runtime
@@ -142,15 +158,26 @@ class Trainer:
                                            shuffle=True, augment=True, seed=cfg.seed)
         self.val_batches = DeviceBatches(data.val, data.info, max(cfg.batch_size, 256), device=device,
                                          shuffle=False, augment=False)
+        if cfg.compile:
+            # In place (nn.Module.compile) so state_dict keys stay those of the plain model.
+            for module in (distiller.student, *distiller.teachers):
+                module.compile()
         self.optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+        self.startup_seconds: float | None = None
         self.scheduler = build_scheduler(self.optimizer, cfg, self.epochs)
 
-    def fit(self) -> FitResult:
+    def fit(self, resume_state: dict | None = None) -> FitResult:
+        """Train ``epochs`` epochs (or the rest of them, continuing ``resume_state``, a
+        checkpoint written by ``_checkpoint``) and return the best-validation student."""
         student = self.distiller.student
         best = FitResult(-1.0, -1, {}, [])
         self.distiller.on_fit_start(self)
+        first_epoch = 0
+        if resume_state is not None:
+            best = self._restore(resume_state)
+            first_epoch = resume_state["epoch"] + 1
         interactive = sys.stderr.isatty()
-        for epoch in range(self.epochs):
+        for epoch in range(first_epoch, self.epochs):
             start = time.perf_counter()
             terms, train_acc, train_seconds = self._train_epoch(epoch, interactive)
             val_acc, val_loss = evaluate(student, self.val_batches, self.amp_dtype)
@@ -162,10 +189,14 @@ class Trainer:
             if val_acc > best.best_val_acc:
                 best.best_val_acc, best.best_epoch = val_acc, epoch
                 best.best_student_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
-            self._checkpoint(epoch, best)
             metrics["epoch_seconds"] = time.perf_counter() - start
+            if epoch == 0 and self.startup_seconds is not None:
+                metrics["startup_seconds"] = self.startup_seconds  # process start -> first step done
             best.history.append(metrics)
+            # Logged before the checkpoint: a crash in between re-runs this epoch on resume
+            # (same numbers on CPU) rather than leaving a hole in the metric history.
             self.tracker.log_metrics(metrics, step=epoch)
+            self._checkpoint(epoch, best)
             line = (f"[{self.desc}] epoch {epoch + 1}/{self.epochs} loss {metrics['train_loss']:.4f} "
                     f"train_acc {train_acc:.2f} val_acc {val_acc:.2f} "
                     f"({metrics['images_per_second']:.0f} img/s, {metrics['epoch_seconds']:.1f}s)")
@@ -190,6 +221,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.startup_seconds is None:
+                self.startup_seconds = process_age()
             values = torch.stack([v.detach().float() for v in losses.values()]) * len(y)
             if sums is None:
                 names, sums = list(losses), values
@@ -208,6 +241,21 @@ class Trainer:
                 )
         return terms, 100.0 * correct.item() / seen, train_seconds
 
+    def _restore(self, state: dict) -> FitResult:
+        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
+        if unexpected or any(not k.startswith("teachers.") for k in missing):
+            raise ConfigError("the checkpoint to resume does not match this mode's networks "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same settings")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.train_batches.generator.set_state(state["batch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.startup_seconds = -1.0  # not a fresh start: do not report a startup time
+        return FitResult(state["best_val_acc"], state["best_epoch"], state["best_student_state"],
+                         list(state["history"]))
+
     def _checkpoint(self, epoch: int, best: FitResult) -> None:
         atomic_save({
             "epoch": epoch,
@@ -219,4 +267,7 @@ class Trainer:
             "best_student_state": best.best_student_state,
             "torch_rng": torch.get_rng_state(),
             "batch_rng": self.train_batches.generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "history": best.history,
+            "epochs": self.epochs,
         }, self.workdir / "last.pt")

@@ -1,0 +1,101 @@
+"""Every distillation mode end to end through `mlflow run . -e <mode> --env-manager local`
+against the real tracking server, on a small real Fashion-MNIST subset: the run (or the
+parent and its nested children), its loss terms, test_acc and the registered model."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, mlflow_run, runs_of, unique_experiment
+
+pytestmark = pytest.mark.e2e
+
+ONE_EPOCH = {**TINY, "epochs": 1}
+
+SINGLE = {
+    "triplet": ({}, ("ce", "kd", "triplet")),
+    "uda": ({"labeled_fraction": 0.5}, ("ce", "kd", "kd_strong", "uda")),
+    "oh": ({}, ("ce", "oh")),
+    "rkd": ({}, ("ce", "kd", "rkd_distance", "rkd_angle")),
+    "pkd": ({}, ("ce", "kd", "pkd")),
+    "sfd": ({}, ("ce", "sfd")),
+}
+
+
+def _check_single(client, run, mode, terms):
+    assert run.info.status == "FINISHED"
+    assert run.data.params["mode"] == mode and run.data.tags["mode"] == mode
+    for term in terms:
+        assert f"loss_{term}" in run.data.metrics, term
+    assert 0 <= run.data.metrics["test_acc"] <= 100
+
+
+@pytest.mark.parametrize("mode", sorted(SINGLE))
+def test_single_training_mode(mode, teacher_run, mlflow_server):
+    extra, terms = SINGLE[mode]
+    experiment = unique_experiment(mode)
+    mlflow_run(mode, mlflow_server, experiment,
+               {**ONE_EPOCH, "teacher_checkpoint": teacher_run["checkpoint"], **extra})
+    client, runs = runs_of(mlflow_server, experiment)
+    assert len(runs) == 1
+    _check_single(client, runs[0], mode, terms)
+    versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
+    assert runs[0].info.run_id in {v.run_id for v in versions}
+
+
+def test_ab_has_two_phases(teacher_run, mlflow_server):
+    experiment = unique_experiment("ab")
+    mlflow_run("ab", mlflow_server, experiment,
+               {**TINY, "epochs": 3, "ab_epochs": 1, "teacher_checkpoint": teacher_run["checkpoint"]})
+    client, runs = runs_of(mlflow_server, experiment)
+    run = runs[0]
+    _check_single(client, run, "ab", ("ce", "kd"))
+    ab_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_ab")]
+    kd_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_kd")]
+    assert ab_steps == [0] and sorted(kd_steps) == [1, 2]
+
+
+def test_multikd_with_a_file_and_a_registry_uri(teacher_run, mlflow_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    version = max(int(v.version) for v in client.search_model_versions("name='fashion_mnist-resnet8-teacher'"))
+    ensemble = f"{teacher_run['checkpoint']},models:/fashion_mnist-resnet8-teacher/{version}"
+    experiment = unique_experiment("multikd")
+    mlflow_run("multikd", mlflow_server, experiment, {**ONE_EPOCH, "ensemble": ensemble})
+    client, runs = runs_of(mlflow_server, experiment)
+    _check_single(client, runs[0], "multikd", ("ce", "kd"))
+    assert runs[0].data.tags["teacher"] == "resnet8+resnet8"
+
+
+def _parent_and_children(client, runs):
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+@pytest.mark.parametrize("mode,extra,n_children", [
+    ("kdparam", {"temperatures": "2,4", "alphas": "0.9"}, 2),
+    ("takd", {"assistants": "resnet8"}, 2),
+    ("allkd", {"teachers": "TEACHER,resnet8", "teacher_epochs": 1}, 3),
+])
+def test_multi_stage_mode(mode, extra, n_children, teacher_run, mlflow_server):
+    extra = {k: (str(v).replace("TEACHER", str(teacher_run["checkpoint"]))) for k, v in extra.items()}
+    if mode != "allkd":
+        extra["teacher_checkpoint"] = teacher_run["checkpoint"]
+    experiment = unique_experiment(mode)
+    mlflow_run(mode, mlflow_server, experiment, {**ONE_EPOCH, **extra})
+    client, runs = runs_of(mlflow_server, experiment)
+    parent, children = _parent_and_children(client, runs)
+    assert parent.info.status == "FINISHED" and parent.data.params["mode"] == mode
+    assert len(children) == n_children and all(c.info.status == "FINISHED" for c in children)
+    kd_children = [c for c in children if c.data.tags["mode"] == "kd"]
+    assert kd_children and all("loss_kd" in c.data.metrics for c in kd_children)
+    selected = parent.data.tags["selected_run_id"]
+    assert parent.data.metrics["test_acc"] == pytest.approx(
+        next(c for c in children if c.info.run_id == selected).data.metrics["test_acc"])
+    versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
+    assert versions, "the selected student is registered"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
