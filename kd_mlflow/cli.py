@@ -12,7 +12,7 @@ import click
 from .config import Config, ConfigError
 from .modes import DISTILLATION_MODES, MODES
 
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": click.BOOL}
 
 
 def config_options(mode_name: str):
@@ -41,12 +41,21 @@ def _fail(exc: Exception) -> None:
 
 
 def run_config(cfg: Config) -> None:
-    from .runner import run
+    from .runner import Terminated, run
+    from .trainer import NonFiniteLoss
 
     try:
         result = run(cfg)
     except ConfigError as exc:
         _fail(exc)
+    except NonFiniteLoss as exc:
+        click.echo(f"error: {exc}; the run is marked FAILED", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        signal_name = "SIGTERM" if isinstance(exc, Terminated) else "interrupt"
+        click.echo(f"stopped by {signal_name}: the run is marked KILLED; continue it from its last epoch "
+                   f"checkpoint with --resume auto (or the run id)", err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     if result is None:
         return
     click.echo(f"\nmode {cfg.mode}: {cfg.network} on {cfg.dataset}")
@@ -130,6 +139,120 @@ def mlproject_command(check: bool, path: str) -> None:
         return
     target.write_text(text)
     click.echo(f"wrote {path} ({len(MODES)} modes)")
+
+
+
+# ------------------------------------------------- compare, benchmark, models
+def _field_option(name: str, default=None):
+    """A click option for a Config field, named and documented as in `train`."""
+    f = Config.field_info(name)
+    choices = f.metadata.get("choices")
+    help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+    decls = ["--" + name.replace("_", "-"), "--" + name] if "_" in name else ["--" + name]
+    return click.option(*decls, name, type=_TYPES[f.type], default=f.default if default is None else default,
+                        show_default=True, help=help_text)
+
+
+@main.command(name="compare")
+@click.option("--experiment", default="", show_default=True,
+              help="Experiment to compare (name or id); empty under `mlflow run` = the run's own experiment.")
+def compare_command(experiment: str) -> None:
+    """Compare the modes of an experiment: a table per mode (seeds, mean ± std test_acc,
+    best val_acc, wall time, gain over nokd with a 95% CI) and figures, logged as a run
+    of its own (tag mode=compare). Failed, unfinished and mismatched runs are listed, never averaged."""
+    from .compare import run_compare
+
+    try:
+        run_compare(experiment, echo=click.echo)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _benchmark_options(fn):
+    from .benchmark import BENCHMARK_FIELDS
+
+    for name in reversed(BENCHMARK_FIELDS):
+        fn = _field_option(name)(fn)
+    fn = click.option("--register", type=int, default=0, show_default=True,
+                      help="1 = register every student (and move the champion alias); 0 = log models only.")(fn)
+    fn = click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
+    fn = click.option("--modes", default="all", show_default=True,
+                      help=f"Comma-separated modes, or all ({', '.join(DISTILLATION_MODES)}).")(fn)
+    return fn
+
+
+@main.command(name="benchmark")
+@_benchmark_options
+def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
+    """Train modes x seeds as nested runs of one experiment, then compare them. Pairs
+    already FINISHED with the same settings in the experiment are skipped (resume).
+    Mode-specific parameters take each mode's defaults; multikd runs only with --ensemble."""
+    from .benchmark import run_benchmark
+
+    try:
+        result = run_benchmark(modes, seeds, register=bool(register), echo=click.echo, **values)
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(f"  tracking URI  {_tracking_uri()}")
+    click.echo(f"  open the UI:  {_ui_hint()}")
+    if result.failed:
+        sys.exit(1)
+
+
+@main.group(name="models")
+def models_group() -> None:
+    """Registered students: list them, pull one, move the champion alias."""
+
+
+@models_group.command(name="list")
+@click.option("--name", "name_contains", default="", help="Only models whose name contains this.")
+@click.option("--latest", is_flag=True, help="One row per model: its champion, else its latest version.")
+def models_list_command(name_contains: str, latest: bool) -> None:
+    """Registered models with, per version, the mode, teacher and test_acc of its run."""
+    from .registry import format_table, model_table
+
+    table = model_table(name_contains=name_contains, all_versions=not latest)
+    if not len(table):
+        click.echo(f"no registered models{' matching ' + repr(name_contains) if name_contains else ''} "
+                   f"at {_tracking_uri()}")
+        return
+    click.echo(format_table(table))
+
+
+@models_group.command(name="pull")
+@click.argument("spec")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="A new or empty directory for the model.")
+def models_pull_command(spec: str, output: str) -> None:
+    """Download a registered model: NAME (its champion, else its latest version),
+    NAME@ALIAS or NAME/VERSION. Load it with mlflow.pytorch.load_model(OUTPUT)."""
+    from .registry import pull, version_test_acc
+
+    try:
+        path, version = pull(spec, output)
+    except ConfigError as exc:
+        _fail(exc)
+    from mlflow import MlflowClient
+
+    acc = version_test_acc(MlflowClient(), version)
+    click.echo(f"pulled models:/{version.name}/{version.version}"
+               f"{' (' + ', '.join(version.aliases) + ')' if getattr(version, 'aliases', None) else ''}"
+               f"{f', test_acc {acc:.2f}%' if acc is not None else ''} -> {path}")
+    click.echo(f"  load it:  mlflow.pytorch.load_model({str(path)!r})")
+
+
+@models_group.command(name="champion")
+@click.argument("name")
+def models_champion_command(name: str) -> None:
+    """Point NAME's `champion` alias at its version with the best test_acc (moved only
+    when a strictly better version exists)."""
+    from .registry import update_champion
+
+    version = update_champion(None, name)
+    if version is None:
+        click.echo(f"error: {name} has no version whose run has a test_acc metric (or no such model)", err=True)
+        sys.exit(2)
+    click.echo(f"{name}@champion -> version {version}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,19 +21,24 @@ entry_points:
 
 
 def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return json.dumps(str(value).lower())
     if isinstance(value, str):
         return json.dumps(value)  # quoted: list values contain commas, which YAML flow maps split on
     return repr(value)
 
 
-def _entry(name: str, mode: str, command_prefix: str, fields) -> str:
+def _entry(name: str, mode: str, command_prefix: str, fields, extra: dict | None = None) -> str:
+    """``extra``: parameters that are not Config fields, {name: (mlproject type, default)}, listed first."""
     types = {f.name: f for f in dataclasses.fields(Config)}
     lines = [f"  {name}:", "    parameters:"]
+    for field_name, (mtype, default) in (extra or {}).items():
+        lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(default)}}}")
     for field_name in fields:
         f = types[field_name]
         mtype = "float" if f.type in ("int", "float") else "string"
         lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(Config.default_for(mode, field_name))}}}")
-    args = " ".join(f"--{n} {{{n}}}" for n in fields)
+    args = " ".join(f"--{n} {{{n}}}" for n in (*(extra or {}), *fields))
     lines.append(f'    command: "python entry_points/run.py {command_prefix} {args}"')
     return "\n".join(lines) + "\n"
 
@@ -45,4 +50,11 @@ def render_mlproject() -> str:
     for name, mode in MODES.items():
         prefix = "teacher" if mode.kind == "teacher" else f"train {name}"
         parts.append(_entry(name, name, prefix, mode.fields))
+    # Cross-mode comparison (empty experiment = the experiment `mlflow run` chose) and
+    # the one-command benchmark (modes x seeds, then compare).
+    parts.append(_entry("compare", "kd", "compare", (), {"experiment": ("string", "")}))
+    from .benchmark import BENCHMARK_FIELDS
+
+    parts.append(_entry("benchmark", "kd", "benchmark", BENCHMARK_FIELDS,
+                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0)}))
     return "\n".join(parts)

@@ -107,3 +107,74 @@ def takd_chain(rows: list[dict], title: str = ""):
     ax.set_title(title or "takd chain")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------ mode comparison
+def _comparison_label(mode: str, teacher: str, ambiguous: bool) -> str:
+    return f"{mode}\n({teacher})" if ambiguous and teacher and teacher != "none" else mode
+
+
+def mode_comparison_bars(summary: pd.DataFrame, teacher_acc: dict | None = None, nokd_acc: float | None = None,
+                         title: str = ""):
+    """compare: mean test accuracy per mode (one bar per mode and teacher) with the
+    standard deviation over seeds as error bars; the teachers' accuracy and the nokd
+    baseline's mean as horizontal reference lines."""
+    import numpy as np
+
+    df = summary.copy()
+    ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
+    df["label"] = [_comparison_label(m, t, a) for m, t, a in zip(df["mode"], df["teacher"], ambiguous)]
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(df) + 2), 4.8))
+    palette = ["#999999" if m == "nokd" else c for m, c in zip(df["mode"], sns.color_palette("deep", len(df)))]
+    sns.barplot(data=df, x="label", y="test_acc_mean", hue="label", palette=palette, legend=False,
+                order=list(df["label"]), ax=ax)
+    std = df["test_acc_std"].fillna(0.0).to_numpy()
+    has_spread = df["test_acc_std"].notna().to_numpy()  # one seed: no error bar rather than a zero one
+    if has_spread.any():
+        ax.errorbar(np.arange(len(df))[has_spread], df["test_acc_mean"].to_numpy()[has_spread],
+                    yerr=std[has_spread], fmt="none", ecolor="black", capsize=4, lw=1.2)
+    for i, (mean, sd, n) in enumerate(zip(df["test_acc_mean"], std, df["runs"])):
+        ax.annotate(f"{mean:.2f}\nn={n}", (i, mean + sd), textcoords="offset points", xytext=(0, 4), ha="center",
+                    va="bottom", fontsize=8)
+    lines = []
+    for j, (teacher, acc) in enumerate(sorted((teacher_acc or {}).items())):
+        if acc is not None and not np.isnan(acc):
+            ax.axhline(acc, ls="--", lw=1.3, color=sns.color_palette("dark")[j % 10], label=f"teacher {teacher} ({acc:.2f})")
+            lines.append(acc)
+    if nokd_acc is not None and not np.isnan(nokd_acc):
+        ax.axhline(nokd_acc, ls=":", lw=1.6, color="black", label=f"nokd mean ({nokd_acc:.2f})")
+        lines.append(nokd_acc)
+    values = np.concatenate([df["test_acc_mean"].to_numpy() - std, df["test_acc_mean"].to_numpy() + std,
+                             np.array(lines, dtype=float)])
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    pad = max(1.0, 0.15 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - 2 * pad), min(100.0, hi + 2 * pad))  # bars from 0 would hide the differences
+    if lines:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel("")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(title or "test accuracy by mode")
+    fig.tight_layout()
+    return fig
+
+
+def val_acc_curves(histories: pd.DataFrame, title: str = ""):
+    """compare: validation accuracy per epoch of every mode on one plot (mean over
+    seeds, the band one standard deviation)."""
+    df = histories.copy()
+    from matplotlib.ticker import MaxNLocator
+
+    ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
+    df["mode "] = [_comparison_label(m, t, a).replace("\n", " ") for m, t, a in
+                   zip(df["mode"], df["teacher"], ambiguous)]
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sns.lineplot(data=df, x="epoch", y="val_acc", hue="mode ", errorbar="sd", marker="o", ax=ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title or "validation accuracy by mode")
+    ax.legend(fontsize=8, loc="lower right", title="mode")
+    fig.tight_layout()
+    return fig

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "kd-mlflow"
@@ -62,9 +63,30 @@ def pip_requirements() -> list[str]:
             f"numpy=={numpy.__version__}"]
 
 
+def _warm_model_logging() -> None:
+    """The one-off costs of the first log_model in a process, paid on a side thread
+    while the epochs train (torch ops release the GIL) instead of at the end: the
+    imports behind torch.export (pt2 tracing pulls in torch._dynamo) and MLflow's map of
+    installed distributions (a scan of every installed file, which MLflow caches)."""
+    with contextlib.suppress(Exception):
+        import importlib
+
+        importlib.import_module("mlflow.pytorch")
+        importlib.import_module("torch.export._trace")
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()
+
+
 class MlflowTracker:
+    _warming: threading.Thread | None = None
+
     def __init__(self, run_id: str):
         self.run_id = run_id
+        if MlflowTracker._warming is None:
+            MlflowTracker._warming = threading.Thread(target=_warm_model_logging, name="warm-log-model",
+                                                      daemon=True)
+            MlflowTracker._warming.start()
 
     def log_params(self, params: dict) -> None:
         import mlflow
@@ -109,6 +131,8 @@ class MlflowTracker:
         import torch
         from mlflow.models import infer_signature
 
+        if MlflowTracker._warming is not None:
+            MlflowTracker._warming.join()
         model = model.eval()
         with torch.no_grad():
             output = model(example)
@@ -121,13 +145,21 @@ class MlflowTracker:
             extra_files=[str(checkpoint)] if checkpoint else None,
         )
         version = getattr(info, "registered_model_version", None)
+        if version is not None:
+            from .registry import update_champion
+
+            update_champion(mlflow.MlflowClient(), registered_name)
         return info.model_uri, (int(version) if version is not None else None)
 
     def register(self, model_uri: str, name: str) -> int:
         """Register an already logged model (e.g. the best child of a sweep) under ``name``."""
         import mlflow
 
-        return int(mlflow.register_model(model_uri, name).version)
+        from .registry import update_champion
+
+        version = int(mlflow.register_model(model_uri, name).version)
+        update_champion(mlflow.MlflowClient(), name)
+        return version
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None):

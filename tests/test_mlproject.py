@@ -23,15 +23,16 @@ def test_committed_mlproject_matches_the_registry():
 def test_every_mode_is_an_entry_point_with_its_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     entry = spec["entry_points"]
-    assert set(THIRTEEN) | {"teacher", "main"} == set(entry)
+    assert set(THIRTEEN) | {"teacher", "main", "compare", "benchmark"} == set(entry)
     for name in THIRTEEN:
         params = entry[name]["parameters"]
         for common in ("dataset", "student", "epochs", "batch_size", "lr", "seed", "train_subset", "device", "data_dir"):
             assert common in params, (name, common)
         for field in MODES[name].fields:
             assert f"--{field} {{{field}}}" in entry[name]["command"]
-            assert str(params[field]["default"]) == str(Config.default_for(name, field)) or (
-                params[field]["default"] == "" and Config.default_for(name, field) == "")
+            default = Config.default_for(name, field)
+            expected = str(default).lower() if isinstance(default, bool) else str(default)
+            assert str(params[field]["default"]) == expected, (name, field)
     assert entry["teacher"]["parameters"]["arch"]["default"] == "resnet20"
     assert entry["oh"]["parameters"]["beta"]["default"] == 0.001
     assert entry["pkd"]["parameters"]["beta"]["default"] == 100.0

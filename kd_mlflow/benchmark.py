@@ -1,0 +1,279 @@
+"""The paper's table with one command: modes x seeds as runs of one experiment, then
+the comparison.
+
+``run_benchmark`` opens a parent run (tag ``mode=benchmark``; under ``mlflow run`` the
+run MLflow created) and trains every (mode, seed) pair as a nested child run through
+``runner.run`` — the same validation, data, trainer and logging as a single
+``kd-mlflow train`` — then logs a ``compare`` child with the table and figures.
+
+Resuming: a (mode, seed) pair that already has a FINISHED run with the same settings
+in the experiment (a top-level run or a child of an earlier benchmark; see
+:func:`settings_match`) is skipped, so an interrupted benchmark picks up where it
+stopped. Pairs run seed-major (every mode with seed 0, then seed 1, ...), so an
+interrupted benchmark already has a complete table for the first seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from .config import Config, ConfigError
+from .modes import DISTILLATION_MODES, MODES
+
+# Config fields a benchmark takes (everything else: each mode's own defaults).
+BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "epochs", "batch_size", "lr",
+                    "train_subset", "val_size", "test_subset", "device", "precision", "data_dir", "experiment")
+# Params that say where or how a run ran, not what it computed: a finished run that
+# differs only in these still counts as done.
+RESUME_IGNORES = {"experiment", "registered_model", "device", "precision", "compile", "data_dir"}
+
+
+@dataclass
+class Pair:
+    mode: str
+    seed: int
+    run_id: str = ""
+    test_acc: float | None = None
+    error: str = ""
+
+
+@dataclass
+class BenchmarkResult:
+    run_id: str
+    experiment: str
+    trained: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    comparison: object = None
+    compare_run_id: str = ""
+
+
+def parse_modes(text: str) -> list[str]:
+    """"all" (the 13 distillation modes) or a comma-separated list, in registry order."""
+    items = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not items:
+        raise ConfigError("modes is empty; pass -P modes=all or a list such as -P modes=nokd,kd,rkd")
+    if items == ["all"]:
+        return list(DISTILLATION_MODES)
+    unknown = [m for m in items if m not in DISTILLATION_MODES]
+    if unknown:
+        raise ConfigError(f"unknown mode(s) {', '.join(unknown)} in modes; choose from: all, "
+                          f"{', '.join(DISTILLATION_MODES)}")
+    return [m for m in DISTILLATION_MODES if m in items]
+
+
+def plan(modes: str, seeds: int, values: dict) -> tuple[list[Config], list[str]]:
+    """-> (validated Configs, seed-major; notes about modes left out). Fails with a
+    ConfigError naming the mode before anything runs."""
+    if int(seeds) < 1:
+        raise ConfigError(f"seeds must be >= 1 (the number of seeds: 0..N-1), got {seeds}")
+    chosen = parse_modes(modes)
+    notes = []
+    if "multikd" in chosen and not Config(ensemble=values.get("ensemble", "")).list_of("ensemble"):
+        chosen.remove("multikd")
+        notes.append("multikd skipped: it needs an ensemble of >= 2 teachers; pass -P ensemble=ckpt1.pt,ckpt2.pt "
+                     "(files or models:/ URIs) to include it")
+    configs = []
+    for seed in range(int(seeds)):
+        for mode in chosen:
+            cfg = Config.for_mode(mode, **values, seed=seed)
+            try:
+                cfg.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"mode {mode}: {exc}") from None
+            configs.append(cfg)
+    return configs, notes
+
+
+def precheck(configs: list[Config]) -> str:
+    """Everything runner.run would check per pair, once per mode, before any run
+    exists: the implementation, the device, the teachers and strategy inputs.
+    -> the teacher architecture (for the parent's tag)."""
+    from .runner import load_teachers, runtime_for
+
+    teacher_arch = ""
+    seen = set()
+    for cfg in configs:
+        if cfg.mode in seen:
+            continue
+        seen.add(cfg.mode)
+        mode = MODES[cfg.mode]
+        impl = mode.load()
+        runtime_for(cfg)
+        if mode.teacher_source and (mode.teacher_source != "teacher" or not teacher_arch):
+            _, metas = load_teachers(cfg, mode)
+            if mode.teacher_source == "teacher":
+                teacher_arch = metas[0]["arch"]
+        if hasattr(impl, "prepare"):
+            impl.prepare(cfg)
+    return teacher_arch
+
+
+def settings_match(run, cfg: Config) -> bool:
+    """Whether ``run`` trained what ``cfg`` describes: every param of the mode equal
+    (numbers compared as numbers), except those in RESUME_IGNORES."""
+    from .compare import normalize_value
+
+    params = run.data.params
+    return all(normalize_value(params.get(k)) == normalize_value(v)
+               for k, v in cfg.params().items() if k not in RESUME_IGNORES)
+
+
+def finished_run_for(runs: list, cfg: Config):
+    for r in reversed(runs):  # the newest first
+        if (r.info.status == "FINISHED" and r.data.tags.get("mode") == cfg.mode
+                and "test_acc" in r.data.metrics and settings_match(r, cfg)):
+            return r
+    return None
+
+
+class _Unregistered:
+    """A tracker that logs models but registers none (benchmark students are
+    measurements; ``register=1`` turns registration back on)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.run_id = inner.run_id
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def log_model(self, model, example, *, registered_name=None, checkpoint=None, name="model"):
+        return self._inner.log_model(model, example, registered_name=None, checkpoint=checkpoint, name=name)
+
+    def register(self, model_uri, name):
+        return None
+
+    @contextlib.contextmanager
+    def child(self, name, tags=None):
+        with self._inner.child(name, tags) as inner:
+            yield _Unregistered(inner)
+
+
+@contextlib.contextmanager
+def child_run(name: str, params: dict, tags: dict, *, register: bool = True):
+    """A run nested under the active run, with ``tracking.start_run``'s guarantees: params
+    and tags logged, FAILED (with the traceback) or KILLED on errors, never left RUNNING."""
+    import traceback
+
+    import mlflow
+
+    from .tracking import MlflowTracker, git_commit
+
+    active = mlflow.active_run()
+    if active is not None and os.environ.get("MLFLOW_RUN_ID") == active.info.run_id:
+        # The parent was adopted from `mlflow run` with an explicit run_id, which leaves
+        # MLFLOW_RUN_ID set; start_run would then resume the parent instead of nesting.
+        del os.environ["MLFLOW_RUN_ID"]
+    run = mlflow.start_run(run_name=name, nested=True, tags={**tags, "git_commit": git_commit()})
+    tracker = MlflowTracker(run.info.run_id)
+    status = "FINISHED"
+    try:
+        tracker.log_params(params)
+        yield tracker if register else _Unregistered(tracker)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
+        with contextlib.suppress(Exception):
+            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()
+        mlflow.end_run(status=status)
+
+
+def _pair_factory(name: str, extra_tags: dict, register: bool):
+    """A ``tracker_factory`` for runner.run: the pair's run nested under the benchmark."""
+
+    def factory(params, tags, run_name=None, **_):
+        return child_run(name, params, {**tags, **extra_tags}, register=register)
+
+    return factory
+
+
+def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, **values) -> BenchmarkResult:
+    """Train ``modes`` x ``seeds`` (skipping pairs already finished with the same
+    settings), then compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
+    import mlflow
+
+    from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
+    from .registry import update_champion
+    from .runner import run
+    from .tracking import start_run
+
+    unknown = set(values) - set(BENCHMARK_FIELDS)
+    if unknown:
+        raise ConfigError(f"benchmark does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    configs, notes = plan(modes, seeds, values)
+    if not configs:
+        raise ConfigError(f"nothing to run: {'; '.join(notes) or 'no modes'}")
+    for note in notes:
+        echo(f"note: {note}")
+    teacher_arch = precheck(configs)
+    base = Config(**{k: v for k, v in values.items()})
+    params = {"modes": modes, "seeds": int(seeds), "register": int(bool(register)),
+              **{k: getattr(base, k) for k in BENCHMARK_FIELDS}}
+    tags = {"mode": "benchmark", "dataset": base.dataset, "student": base.student,
+            "teacher": teacher_arch or base.teacher,
+            "benchmark_modes": ",".join(dict.fromkeys(c.mode for c in configs)),
+            **({"benchmark_notes": " | ".join(notes)} if notes else {})}
+    client = mlflow.MlflowClient()
+    with start_run(params, tags, run_name=f"benchmark-{base.dataset}-{base.student}") as parent:
+        experiment_id = client.get_run(parent.run_id).info.experiment_id
+        experiment = client.get_experiment(experiment_id).name
+        if values.get("experiment") and values["experiment"] != experiment:
+            echo(f"note: this benchmark runs in experiment {experiment!r} (the one `mlflow run` chose), not "
+                 f"{values['experiment']!r}; pass --experiment-name to `mlflow run` instead of -P experiment")
+        result = BenchmarkResult(parent.run_id, experiment, notes=notes)
+        existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
+        total = len(configs)
+        for i, cfg in enumerate(configs, start=1):
+            label = f"[{i}/{total}] {cfg.mode} seed {cfg.seed}"
+            done = finished_run_for(existing, cfg)
+            if done is not None:
+                result.skipped.append(Pair(cfg.mode, cfg.seed, done.info.run_id, done.data.metrics.get("test_acc")))
+                echo(f"{label}: skipped, finished as run {done.info.run_id} "
+                     f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
+                continue
+            echo(f"{label}: training")
+            factory = _pair_factory(f"{cfg.mode}-seed{cfg.seed}",
+                                    {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
+            try:
+                res = run(cfg, tracker_factory=factory)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken mode must not cost the others; listed at the end
+                message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
+                echo(f"{label}: FAILED ({message})")
+                continue
+            if register and res.registered_model:
+                update_champion(client, res.registered_model)
+            result.trained.append(Pair(cfg.mode, cfg.seed, res.run_id or "", res.test_acc))
+            echo(f"{label}: test_acc {res.test_acc:.2f}% (run {res.run_id})")
+        parent.log_metrics({"pairs_trained": len(result.trained), "pairs_skipped": len(result.skipped),
+                            "pairs_failed": len(result.failed)})
+        if result.failed:
+            parent.set_tags({"failed_pairs": ", ".join(f"{p.mode}/seed{p.seed}" for p in result.failed)})
+        with child_run(f"compare-{experiment}", {"compared_experiment": experiment},
+                       {"mode": "compare", "benchmark_run_id": parent.run_id}) as tracker:
+            comparison = compare_experiment(experiment, client, skip_run_ids={tracker.run_id})
+            log_comparison(comparison, tracker)
+            result.comparison, result.compare_run_id = comparison, tracker.run_id
+        parent.set_tags({"compare_run_id": result.compare_run_id})
+    echo(comparison.markdown)
+    echo(f"benchmark run {result.run_id} in experiment {experiment!r}: {len(result.trained)} trained, "
+         f"{len(result.skipped)} skipped (already finished), {len(result.failed)} failed; "
+         f"comparison in run {result.compare_run_id}")
+    for note in notes:
+        echo(f"note: {note}")
+    if result.failed:
+        echo("failed pairs (run the same command again to retry only these): "
+             + "; ".join(f"{p.mode} seed {p.seed}: {p.error}" for p in result.failed))
+    return result

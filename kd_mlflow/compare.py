@@ -1,0 +1,540 @@
+"""MLflow runs -> pandas -> the cross-mode comparison (tables and figures).
+
+``compare_experiment(name)`` reads every run of an experiment through the MLflow API
+and reduces it to one row per (dataset, student, mode, teacher): how many runs (seeds),
+mean and standard deviation of ``test_acc``, best validation accuracy, mean wall time,
+and the gain over ``nokd`` (same dataset and student) with a 95% Welch confidence
+interval where both groups have at least two seeds. ``log_comparison`` stores the
+result as a run of its own (tag ``mode=compare``, which later comparisons skip).
+
+Which runs count:
+
+* top-level runs, plus the (mode, seed) children of a ``benchmark`` run; a multi-stage
+  run (allkd, kdparam, takd) counts once, as its parent; its stage children (tagged
+  ``parent_mode``) never count on their own;
+* ``compare`` and ``benchmark`` runs themselves are bookkeeping and are ignored;
+* everything else that cannot be averaged honestly is left out *and listed* with the
+  reason: runs that FAILED, are still RUNNING or were KILLED, runs without ``test_acc``,
+  runs that are not distillation runs (``teacher``, no ``mode`` tag), runs whose
+  common settings (:data:`COMMON_SETTINGS`) differ from the majority of the runs, runs
+  whose mode-specific parameters differ from the majority of their mode, and older
+  duplicates of the same (mode, teacher, seed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ConfigError
+from .modes import DISTILLATION_MODES, OPTIM
+
+# Settings every mode has and that must agree for numbers to be comparable across
+# modes (seed varies by design; mode-specific parameters are checked per mode).
+COMMON_SETTINGS = ("dataset", "student", "train_subset", "val_size", "test_subset", *OPTIM)
+# Where and how a run ran, not what it computed; never a reason to exclude a run.
+NOT_SETTINGS = {"mode", "seed", "experiment", "registered_model", "device", "precision", "compile", "data_dir",
+                "teacher", "teacher_checkpoint", "compared_experiment"}
+BOOKKEEPING_MODES = {"compare", "benchmark"}
+CONFIDENCE = 0.95
+
+SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "test_acc_mean", "test_acc_std",
+                   "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "teacher_test_acc",
+                   "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df"]
+EXCLUDED_COLUMNS = ["run_id", "run_name", "mode", "teacher", "seed", "status", "reason"]
+
+
+# ------------------------------------------------------------------- statistics
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student-t CDF for real df > 0, from the incomplete beta function."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile_numeric(p: float, df: float) -> float:
+    """Student-t quantile without scipy: bisection on :func:`t_cdf` (accurate to ~1e-12
+    for any real df > 0; the normal quantile for df = inf)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if math.isinf(df) or df > 1e7:
+        return statistics.NormalDist().inv_cdf(p)
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile_numeric(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student-t quantile: ``scipy.stats.t.ppf`` when scipy is installed (it is not a
+    dependency of kd-mlflow), else :func:`t_quantile_numeric`, an exact numeric inverse
+    of the t CDF (regularised incomplete beta + bisection), so Welch's non-integer
+    degrees of freedom need no table or normal approximation."""
+    try:
+        from scipy import stats
+    except ImportError:
+        return t_quantile_numeric(p, df)
+    return float(stats.t.ppf(p, df))
+
+
+@dataclass
+class Interval:
+    diff: float
+    low: float
+    high: float
+    df: float
+
+
+def welch_interval(a, b, confidence: float = CONFIDENCE) -> Interval | None:
+    """CI of mean(a) - mean(b) without assuming equal variances (Welch-Satterthwaite df);
+    None unless both samples have >= 2 values."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se2 = va + vb
+    if se2 == 0.0:
+        return Interval(diff, diff, diff, math.inf)
+    df = se2 ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile(1.0 - (1.0 - confidence) / 2.0, df) * math.sqrt(se2)
+    return Interval(diff, diff - half, diff + half, df)
+
+
+# --------------------------------------------------------------- reading runs
+def normalize_value(value) -> str:
+    """Param values as comparable strings: '.1', '0.1' and '1e-1' are the same lr, and
+    ``''`` is the empty string (``mlflow run`` logs parameters as the user typed them,
+    and an empty value as two quotes)."""
+    text = "" if value is None else str(value).strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        text = text[1:-1]
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
+
+
+def search_all_runs(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def counted_runs(runs: list, skip_run_ids=()) -> list:
+    """The runs that stand for one training of a mode: top-level runs and benchmark
+    children (stage children and bookkeeping runs are dropped here, silently)."""
+    by_id = {r.info.run_id: r for r in runs}
+    out = []
+    for r in runs:
+        tags = r.data.tags
+        if r.info.run_id in skip_run_ids or tags.get("mode") in BOOKKEEPING_MODES:
+            continue
+        if tags.get("mlflow.project.entryPoint") in BOOKKEEPING_MODES and not tags.get("mode"):
+            continue
+        if tags.get("parent_mode"):
+            continue  # a stage of a multi-stage run: counted through its parent
+        parent = tags.get("mlflow.parentRunId")
+        if parent:
+            parent_run = by_id.get(parent)
+            if parent_run is None or parent_run.data.tags.get("mode") != "benchmark":
+                continue
+        out.append(r)
+    return out
+
+
+def _seed(run) -> int | None:
+    try:
+        return int(float(run.data.params.get("seed", "")))
+    except ValueError:
+        return None
+
+
+def _majority(values: list[tuple]) -> tuple | None:
+    """The most common value; ties go to the one seen first (the oldest run)."""
+    if not values:
+        return None
+    counts = Counter(values)
+    best = max(counts.values())
+    return next(v for v in values if counts[v] == best)
+
+
+def _differences(names, values: tuple, reference: tuple) -> str:
+    return ", ".join(f"{n}={v or '(unset)'} (majority {r or '(unset)'})"
+                     for n, v, r in zip(names, values, reference) if v != r)
+
+
+@dataclass
+class Comparison:
+    experiment: str
+    experiment_id: str
+    summary: pd.DataFrame
+    runs: pd.DataFrame          # the runs that were averaged, one row each
+    excluded: pd.DataFrame      # the runs left out, with the reason
+    settings: dict              # the majority's common settings
+    histories: pd.DataFrame = field(default_factory=pd.DataFrame)  # val_acc per epoch of the included runs
+
+    @property
+    def markdown(self) -> str:
+        return comparison_markdown(self)
+
+
+def _row(run, **extra) -> dict:
+    tags = run.data.tags
+    return {"run_id": run.info.run_id, "run_name": tags.get("mlflow.runName", run.info.run_name or ""),
+            "mode": tags.get("mode", ""), "teacher": tags.get("teacher", ""), "seed": _seed(run),
+            "status": run.info.status, **extra}
+
+
+def _mode_specific(run) -> tuple[str, ...]:
+    return tuple(sorted(k for k in run.data.params if k not in NOT_SETTINGS and k not in COMMON_SETTINGS))
+
+
+def select_runs(runs: list) -> tuple[list, list[dict], dict]:
+    """-> (included runs, excluded rows with reasons, majority settings)."""
+    excluded, candidates = [], []
+    for r in runs:
+        mode = r.data.tags.get("mode", "")
+        if r.info.status != "FINISHED":
+            excluded.append(_row(r, reason=f"status {r.info.status}: only FINISHED runs are averaged"))
+        elif not mode:
+            excluded.append(_row(r, reason="no mode tag: not a kd-mlflow run"))
+        elif mode not in DISTILLATION_MODES:
+            excluded.append(_row(r, reason=f"mode {mode} is not a distillation mode"))
+        elif "test_acc" not in r.data.metrics:
+            excluded.append(_row(r, reason="no test_acc metric"))
+        else:
+            candidates.append(r)
+
+    def common(r):
+        return tuple(normalize_value(r.data.params.get(n)) for n in COMMON_SETTINGS)
+
+    reference = _majority([common(r) for r in candidates])
+    # Shown as the runs logged them (the comparison itself uses the normalised values).
+    example = next((r for r in candidates if common(r) == reference), None)
+    settings = {n: example.data.params.get(n, "") for n in COMMON_SETTINGS} if example is not None else {}
+    agreeing = []
+    for r in candidates:
+        if common(r) != reference:
+            excluded.append(_row(r, reason="different settings: " + _differences(COMMON_SETTINGS, common(r), reference)))
+        else:
+            agreeing.append(r)
+
+    # Within a mode, its own parameters (temperature, alpha, beta, ...) must agree too.
+    by_mode: dict[tuple, list] = {}
+    for r in agreeing:
+        by_mode.setdefault((r.data.tags["mode"], r.data.tags.get("teacher", "")), []).append(r)
+    consistent = []
+    for group in by_mode.values():
+        names = sorted(set().union(*(_mode_specific(r) for r in group)))
+
+        def own(r, names=names):
+            return tuple(normalize_value(r.data.params.get(n)) for n in names)
+
+        ref = _majority([own(r) for r in group])
+        for r in group:
+            if own(r) != ref:
+                excluded.append(_row(r, reason="different mode parameters: " + _differences(names, own(r), ref)))
+            else:
+                consistent.append(r)
+
+    # The same seed twice adds no information and would understate the spread: keep the newest.
+    newest: dict[tuple, object] = {}
+    for r in sorted(consistent, key=lambda r: r.info.start_time or 0):
+        key = (r.data.tags["mode"], r.data.tags.get("teacher", ""), _seed(r))
+        if key in newest:
+            old = newest[key]
+            excluded.append(_row(old, reason=f"duplicate of seed {key[2]}: run {r.info.run_id} is newer"))
+        newest[key] = r
+    included = sorted(newest.values(), key=lambda r: r.info.start_time or 0)
+    return included, excluded, settings
+
+
+def _metric(run, name):
+    value = run.data.metrics.get(name)
+    return float(value) if value is not None else math.nan
+
+
+def runs_frame(runs: list) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        tags = r.data.tags
+        wall = (r.info.end_time - r.info.start_time) / 1000.0 if r.info.end_time and r.info.start_time else math.nan
+        history_run = r.info.run_id
+        if "val_acc" not in r.data.metrics and tags.get("selected_run_id"):
+            history_run = tags["selected_run_id"]  # a multi-stage parent: its selected student's curve
+        rows.append({"run_id": r.info.run_id, "run_name": tags.get("mlflow.runName", ""),
+                     "dataset": tags.get("dataset", r.data.params.get("dataset", "")),
+                     "student": tags.get("student", r.data.params.get("student", "")),
+                     "mode": tags["mode"], "teacher": tags.get("teacher", ""), "seed": _seed(r),
+                     "test_acc": _metric(r, "test_acc"), "best_val_acc": _metric(r, "best_val_acc"),
+                     "teacher_test_acc": _metric(r, "teacher_test_acc"), "wall_seconds": wall,
+                     "parent_run_id": tags.get("mlflow.parentRunId", ""), "history_run_id": history_run})
+    return pd.DataFrame(rows, columns=["run_id", "run_name", "dataset", "student", "mode", "teacher", "seed",
+                                       "test_acc", "best_val_acc", "teacher_test_acc", "wall_seconds",
+                                       "parent_run_id", "history_run_id"])
+
+
+def _mode_order(mode: str) -> int:
+    return DISTILLATION_MODES.index(mode) if mode in DISTILLATION_MODES else len(DISTILLATION_MODES)
+
+
+def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """One row per (dataset, student, mode, teacher) of the included runs."""
+    rows = []
+    keys = ["dataset", "student", "mode", "teacher"]
+    for key, g in frame.groupby(keys, sort=False):
+        acc = g["test_acc"].tolist()
+        teacher_acc = g["teacher_test_acc"].dropna()
+        rows.append({**dict(zip(keys, key)), "runs": len(g),
+                     "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna().astype(int))),
+                     "test_acc_mean": statistics.fmean(acc),
+                     "test_acc_std": statistics.stdev(acc) if len(acc) >= 2 else math.nan,
+                     "best_val_acc_mean": g["best_val_acc"].mean(), "best_val_acc_max": g["best_val_acc"].max(),
+                     "wall_seconds_mean": g["wall_seconds"].mean(),
+                     "teacher_test_acc": teacher_acc.mean() if len(teacher_acc) else math.nan,
+                     "_acc": acc})
+    for row in rows:
+        row.update(gain_vs_nokd=math.nan, gain_ci_low=math.nan, gain_ci_high=math.nan, gain_df=math.nan)
+        if row["mode"] == "nokd":
+            continue
+        base = [b for b in rows if b["mode"] == "nokd" and b["dataset"] == row["dataset"]
+                and b["student"] == row["student"]]
+        if not base:
+            continue
+        row["gain_vs_nokd"] = row["test_acc_mean"] - base[0]["test_acc_mean"]
+        ci = welch_interval(row["_acc"], base[0]["_acc"], confidence)
+        if ci is not None:
+            row.update(gain_ci_low=ci.low, gain_ci_high=ci.high, gain_df=ci.df)
+    rows.sort(key=lambda r: (r["dataset"], r["student"], _mode_order(r["mode"]), r["teacher"]))
+    for row in rows:
+        del row["_acc"]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def val_acc_histories(client, frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in frame.itertuples():
+        for m in client.get_metric_history(r.history_run_id, "val_acc"):
+            rows.append({"run_id": r.run_id, "mode": r.mode, "teacher": r.teacher, "seed": r.seed,
+                         "epoch": m.step + 1, "val_acc": m.value})
+    return pd.DataFrame(rows, columns=["run_id", "mode", "teacher", "seed", "epoch", "val_acc"])
+
+
+def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histories: bool = True) -> Comparison:
+    """Read ``experiment`` (a name, or an id) and compare its modes."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None and experiment.isdigit():
+        try:
+            exp = client.get_experiment(experiment)
+        except Exception:
+            exp = None
+    if exp is None:
+        raise ConfigError(f"experiment {experiment!r} does not exist at {_tracking_uri()}; "
+                          f"pass the name of an experiment with runs (see the MLflow UI)")
+    runs = counted_runs(search_all_runs(client, exp.experiment_id), skip_run_ids)
+    included, excluded, settings = select_runs(runs)
+    frame = runs_frame(included)
+    excluded_frame = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
+    return Comparison(exp.name, exp.experiment_id, summarize(frame), frame, excluded_frame, settings,
+                      val_acc_histories(client, frame) if histories else pd.DataFrame())
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+# ------------------------------------------------------------------- rendering
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs tabulate, not a dependency)."""
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as people read it: mean ± std, the gain with its interval."""
+    rows = []
+    for r in summary.itertuples():
+        gain = _fmt(r.gain_vs_nokd, "+.2f")
+        if gain and not math.isnan(r.gain_ci_low):
+            gain += f" [{r.gain_ci_low:+.2f}, {r.gain_ci_high:+.2f}]"
+        rows.append({"dataset": r.dataset, "student": r.student, "mode": r.mode, "teacher": r.teacher,
+                     "seeds": r.runs,
+                     "test_acc (%)": _fmt(r.test_acc_mean) + (f" ± {r.test_acc_std:.2f}" if not math.isnan(r.test_acc_std) else ""),
+                     "best val_acc (%)": _fmt(r.best_val_acc_max),
+                     "wall time (s)": _fmt(r.wall_seconds_mean, ".1f"),
+                     f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(c: Comparison) -> str:
+    lines = [f"## Comparison of experiment `{c.experiment}`", ""]
+    if c.settings:
+        lines.append("Common settings (majority): " + ", ".join(f"{k}={v}" for k, v in c.settings.items()))
+        lines.append("")
+    if len(c.summary):
+        lines += [markdown_table(display_table(c.summary)), "",
+                  f"test_acc: mean ± sample standard deviation over seeds; best val_acc: the best over seeds; "
+                  f"gain: difference of mean test_acc to nokd (same dataset and student), "
+                  f"{int(CONFIDENCE * 100)}% Welch t interval where both have >= 2 seeds."]
+    else:
+        lines.append("No comparable runs.")
+    lines.append("")
+    if len(c.excluded):
+        lines += [f"### Left out ({len(c.excluded)} runs)", "",
+                  markdown_table(c.excluded.assign(seed=c.excluded["seed"].map(
+                      lambda s: "" if s is None or (isinstance(s, float) and math.isnan(s)) else str(int(s)))))]
+    else:
+        lines.append("No runs were left out.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- logging
+def comparison_figures(c: Comparison) -> dict:
+    """{artifact path: figure} for the comparison run."""
+    from .plots import mode_comparison_bars, val_acc_curves
+
+    figures = {}
+    if len(c.summary):
+        nokd = c.summary.loc[c.summary["mode"] == "nokd", "test_acc_mean"]
+        teachers = (c.runs.dropna(subset=["teacher_test_acc"]).groupby("teacher")["teacher_test_acc"].mean()
+                    .to_dict())
+        figures["figures/test_acc_by_mode.png"] = mode_comparison_bars(
+            c.summary, teacher_acc=teachers, nokd_acc=float(nokd.iloc[0]) if len(nokd) else None,
+            title=f"test accuracy by mode ({c.experiment})")
+    if len(c.histories):
+        figures["figures/val_acc_curves.png"] = val_acc_curves(c.histories, title=f"validation accuracy ({c.experiment})")
+    return figures
+
+
+def log_comparison(c: Comparison, tracker) -> None:
+    """Tables (CSV + Markdown), the excluded runs and figures as artifacts of ``tracker``'s run."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "compare"
+        out.mkdir()
+        c.summary.to_csv(out / "summary.csv", index=False)
+        c.runs.to_csv(out / "runs.csv", index=False)
+        c.excluded.to_csv(out / "excluded.csv", index=False)
+        (out / "summary.md").write_text(c.markdown)
+        (out / "settings.json").write_text(json.dumps({"experiment": c.experiment, "experiment_id": c.experiment_id,
+                                                       "common_settings": c.settings}, indent=2))
+        for f in sorted(out.iterdir()):
+            tracker.log_artifact(f, "compare")
+    for path, fig in comparison_figures(c).items():
+        tracker.log_figure(fig, path)
+    tracker.log_metrics({"runs_compared": len(c.runs), "runs_left_out": len(c.excluded),
+                         "modes_compared": int(c.summary["mode"].nunique()) if len(c.summary) else 0})
+    tracker.set_tags({"compared_experiment": c.experiment, "compared_experiment_id": c.experiment_id})
+
+
+def run_compare(experiment: str = "", *, echo=print) -> Comparison:
+    """``kd-mlflow compare``: compare ``experiment`` and log the result as a run of its
+    own (tag mode=compare). Under ``mlflow run`` the run MLflow created is adopted, and
+    an empty ``experiment`` means that run's experiment."""
+    import mlflow
+
+    from .tracking import start_run
+
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if not experiment:
+        if adopted:
+            experiment = mlflow.MlflowClient().get_run(adopted).info.experiment_id
+        else:
+            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
+    if not experiment:
+        raise ConfigError("no experiment to compare; pass --experiment NAME (or -P experiment=NAME)")
+    client = mlflow.MlflowClient()
+    comparison = compare_experiment(experiment, client)  # fails before any run exists on a bad name
+    target = "" if adopted else comparison.experiment
+    with start_run({"experiment": target}, {"mode": "compare"}, run_name=f"compare-{comparison.experiment}") as tracker:
+        if adopted and client.get_run(tracker.run_id).info.experiment_id != comparison.experiment_id:
+            echo(f"note: this compare run lives in another experiment than {comparison.experiment!r}; "
+                 f"pass --experiment-name {comparison.experiment} to `mlflow run` to keep them together")
+        # Re-read inside the run so nothing finished in between is missed; skip ourselves.
+        comparison = compare_experiment(comparison.experiment, client, skip_run_ids={tracker.run_id})
+        log_comparison(comparison, tracker)
+        echo(comparison.markdown)
+        echo(f"compare run {tracker.run_id} (compared experiment {comparison.experiment!r})")
+    return comparison

@@ -1,0 +1,109 @@
+"""Faults survived: a run killed mid-training (SIGKILL: no chance to clean up; SIGTERM:
+marked KILLED) continues from its last epoch checkpoint in the same MLflow run and, on
+CPU, ends with exactly the numbers of an uninterrupted run. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--train-subset", "1000", "--val-size", "300", "--test-subset", "300", "--batch-size", "100",
+        "--epochs", "3", "--device", "cpu", "--experiment", "resume"]
+
+
+def _env(tmp_path):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _train(tmp_path, *extra, wait=True):
+    cmd = [sys.executable, "-m", "kd_mlflow", "train", "nokd", *ARGS, *extra]
+    if wait:
+        return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _interrupt_after_first_epoch(tmp_path, sig) -> tuple[str, subprocess.Popen]:
+    before = set((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else set()
+    proc = _train(tmp_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        new = [d for d in (tmp_path / "runs").glob("*") if d not in before] if (tmp_path / "runs").exists() else []
+        if new and (new[0] / "last.pt").exists():
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            return new[0].name, proc
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no epoch checkpoint appeared")
+
+
+def _metrics(tmp_path, run_id):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    history = sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)
+    losses = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    return run, [(m.step, m.value) for m in history], [(m.step, m.value) for m in losses]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    proc = _train(tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("resume").experiment_id])[0]
+    return tmp, _metrics(tmp, run.info.run_id)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_numbers(reference):
+    tmp, (ref_run, ref_val, ref_loss) = reference
+    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    run, _, _ = _metrics(tmp, run_id)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+
+    resumed = _train(tmp, "--resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run_id}" in resumed.stderr
+    run, val, loss = _metrics(tmp, run_id)
+    assert run.info.status == "FINISHED"
+    assert val == ref_val and loss == ref_loss  # one value per epoch, bit-identical
+    assert run.data.metrics["test_acc"] == ref_run.data.metrics["test_acc"]
+
+
+def test_sigterm_marks_killed_then_resume_auto(reference):
+    tmp, (ref_run, ref_val, _) = reference
+    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGTERM)
+    assert proc.returncode == 143
+    assert "marked KILLED" in proc.stderr.read()
+    run, _, _ = _metrics(tmp, run_id)
+    assert run.info.status == "KILLED"
+
+    resumed = _train(tmp, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run_id}" in resumed.stderr
+    run, val, _ = _metrics(tmp, run_id)
+    assert run.info.status == "FINISHED" and val == ref_val
+    assert run.data.metrics["test_acc"] == ref_run.data.metrics["test_acc"]
+
+
+def test_resume_refuses_other_settings_and_finished_runs(reference):
+    tmp, (ref_run, _, _) = reference
+    done = _train(tmp, "--resume", ref_run.info.run_id)
+    assert done.returncode == 2 and "already FINISHED" in done.stderr
+    missing = _train(tmp, "--resume", "0123456789abcdef0123456789abcdef")
+    assert missing.returncode == 2 and "cannot resume" in missing.stderr
