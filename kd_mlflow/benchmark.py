@@ -16,7 +16,6 @@ interrupted benchmark already has a complete table for the first seeds.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
@@ -154,45 +153,21 @@ class _Unregistered:
 
 
 @contextlib.contextmanager
-def child_run(name: str, params: dict, tags: dict, *, register: bool = True):
-    """A run nested under the active run, with ``tracking.start_run``'s guarantees: params
-    and tags logged, FAILED (with the traceback) or KILLED on errors, never left RUNNING."""
-    import traceback
+def child_run(parent, name: str, params: dict, tags: dict, *, register: bool = True):
+    """A run nested under the benchmark's run (``parent``, a tracker), with the same
+    guarantees as every run: params logged, never left RUNNING."""
+    from .tracking import git_commit
 
-    import mlflow
-
-    from .tracking import MlflowTracker, git_commit
-
-    active = mlflow.active_run()
-    if active is not None and os.environ.get("MLFLOW_RUN_ID") == active.info.run_id:
-        # The parent was adopted from `mlflow run` with an explicit run_id, which leaves
-        # MLFLOW_RUN_ID set; start_run would then resume the parent instead of nesting.
-        del os.environ["MLFLOW_RUN_ID"]
-    run = mlflow.start_run(run_name=name, nested=True, tags={**tags, "git_commit": git_commit()})
-    tracker = MlflowTracker(run.info.run_id)
-    status = "FINISHED"
-    try:
+    with parent.child(name, {**tags, "git_commit": git_commit()}) as tracker:
         tracker.log_params(params)
         yield tracker if register else _Unregistered(tracker)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
-        with contextlib.suppress(Exception):
-            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            mlflow.flush_async_logging()
-        mlflow.end_run(status=status)
 
 
-def _pair_factory(name: str, extra_tags: dict, register: bool):
+def _pair_factory(parent, name: str, extra_tags: dict, register: bool):
     """A ``tracker_factory`` for runner.run: the pair's run nested under the benchmark."""
 
     def factory(params, tags, run_name=None, **_):
-        return child_run(name, params, {**tags, **extra_tags}, register=register)
+        return child_run(parent, name, params, {**tags, **extra_tags}, register=register)
 
     return factory
 
@@ -242,7 +217,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
                      f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
                 continue
             echo(f"{label}: training")
-            factory = _pair_factory(f"{cfg.mode}-seed{cfg.seed}",
+            factory = _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
                                     {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
             try:
                 res = run(cfg, tracker_factory=factory)
@@ -261,7 +236,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
                             "pairs_failed": len(result.failed)})
         if result.failed:
             parent.set_tags({"failed_pairs": ", ".join(f"{p.mode}/seed{p.seed}" for p in result.failed)})
-        with child_run(f"compare-{experiment}", {"compared_experiment": experiment},
+        with child_run(parent, f"compare-{experiment}", {"compared_experiment": experiment},
                        {"mode": "compare", "benchmark_run_id": parent.run_id}) as tracker:
             comparison = compare_experiment(experiment, client, skip_run_ids={tracker.run_id})
             log_comparison(comparison, tracker)

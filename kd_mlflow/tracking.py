@@ -173,8 +173,9 @@ class MlflowTracker:
         experiment_id = client.get_run(self.run_id).info.experiment_id
         created = client.create_run(experiment_id, run_name=name,
                                     tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
-        with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
-            yield MlflowTracker(run.info.run_id)
+        run = mlflow.start_run(run_id=created.info.run_id, nested=True)
+        with _lifecycle(MlflowTracker(run.info.run_id)) as child:
+            yield child
 
 
 def _select_experiment(experiment: str) -> None:
@@ -246,8 +247,6 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
 
     An exception inside marks the run FAILED and stores the traceback as an artifact;
     Ctrl-C marks it KILLED. No error path leaves a run RUNNING."""
-    import traceback
-
     import mlflow
 
     _select_experiment(params.get("experiment", ""))
@@ -257,9 +256,7 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
         mlflow.MlflowClient().set_tag(launcher_run, "kd_mlflow.resumed_run_id", run_id)
     run_id = run_id or launcher_run
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-    tracker = MlflowTracker(run.info.run_id)
-    status = "FINISHED"
-    try:
+    with _lifecycle(MlflowTracker(run.info.run_id)) as tracker:
         if run_id:
             # `mlflow run` has already logged the entry point's parameters (as the user
             # typed them, e.g. lr=.1 or '' for empty); MLflow forbids changing a param,
@@ -267,6 +264,20 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
             params = {k: v for k, v in params.items() if k not in run.data.params}
         tracker.log_params(params)
         tracker.set_tags({**tags, "git_commit": git_commit()})
+        yield tracker
+
+
+@contextlib.contextmanager
+def _lifecycle(tracker: MlflowTracker):
+    """End the active run (the one ``tracker`` logs to) with the status its body earned:
+    FINISHED; KILLED on Ctrl-C/SIGTERM/sys.exit(!=0); FAILED on any other exception,
+    with the traceback logged as ``error/traceback.txt``. Never left RUNNING."""
+    import traceback
+
+    import mlflow
+
+    status = "FINISHED"
+    try:
         yield tracker
     except KeyboardInterrupt:
         status = "KILLED"
