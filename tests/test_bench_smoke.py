@@ -1,0 +1,24 @@
+"""The benchmark runs and writes its JSON (numbers are the benchmark's business, not the
+tests': nothing here asserts a speed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_benchmark_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"nokd", "kd", "rkd"}
+    for mode in result["modes"].values():
+        assert mode["package"]["images_per_second"] > 0 and mode["reference_images_per_second"] > 0
+    for key in ("tracker_share_of_epoch", "log_model_seconds"):
+        assert result["mlflow"][key] >= 0
+    assert result["startup_seconds"] > 0 and result["memory"]["process_peak_rss_mib"] > 0
+    assert "ratio" in proc.stdout
