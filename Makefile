@@ -27,7 +27,7 @@ data:
 # The main job: a short KD experiment (resnet20 teacher -> resnet8 student) on Fashion-MNIST,
 # logged to ./mlflow.db. Uses the committed pretrained teacher, or trains one first.
 run: setup data
-	@if [ ! -f $(TEACHER) ]; then $(BIN)/kd-mlflow teacher --arch resnet20 --epochs 15; fi
+	@if [ ! -f $(TEACHER) ]; then $(BIN)/kd-mlflow teacher --arch resnet20 --epochs 12 --scheduler cosine --seed 0 --precision fp32; fi
 	$(BIN)/kd-mlflow train kd --teacher pretrained:fashion_mnist-resnet20 --epochs $(RUN_EPOCHS) \
 	  --experiment kd-mlflow-quickstart
 

@@ -127,5 +127,5 @@ def teacher_run(mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "fmnist-resnet8.pt"
     experiment = unique_experiment("teacher")
     proc = mlflow_run("teacher", mlflow_server, experiment,
-                      {**TINY, "arch": "resnet8", "output": out, "epochs": 3, "train_subset": 3000})
+                      {**TINY, "arch": "resnet8", "output": out, "epochs": 2, "train_subset": 2000})
     return {"checkpoint": out, "experiment": experiment, "proc": proc}

@@ -72,7 +72,7 @@ def test_teacher_entry_point(teacher_run, mlflow_server):
     client, runs = runs_of(mlflow_server, teacher_run["experiment"])
     assert len(runs) == 1  # the run `mlflow run` created, adopted: never a second top-level run
     run = runs[0]
-    check_run(client, run, "teacher", ("ce",), epochs=3)
+    check_run(client, run, "teacher", ("ce",), epochs=2)
     assert run.data.params["arch"] == "resnet8"
     ckpt = teacher_run["checkpoint"]
     assert ckpt.is_file()
