@@ -51,7 +51,8 @@ def checkpoint(path, arch="resnet8", dataset="fashion_mnist", classes=10, channe
 
 def assert_clean_error(result, *needles):
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    # MLflow's own INFO lines (creating a fresh SQLite store) are not ours to count
+    lines = [l for l in result.output.strip().splitlines() if l.strip() and " INFO mlflow" not in l]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -129,3 +130,32 @@ def test_unwritable_teacher_output(workdir):
     assert_clean_error(invoke(["teacher", "--output", str(workdir / "a_file" / "t.pt"), *TINY]),
                        "cannot write the output", "-P output=PATH")
     assert no_runs_created(workdir)
+
+
+def test_mode_specific_bad_input(workdir):
+    c100 = checkpoint(workdir / "c100.pt", dataset="cifar100", classes=100, channels=3)
+    good = checkpoint(workdir / "good.pt")
+    cases = [
+        (["train", "allkd", "--teachers", " , "], ["teachers is empty"]),
+        (["train", "multikd", "--ensemble", str(good)], ["ensemble of >= 2 teachers, got 1"]),
+        (["train", "multikd", "--ensemble", f"{good},{c100}"], ["100 classes x 3 channels"]),
+        (["train", "takd", "--assistants", "resnet9"], ["unknown assistant architecture 'resnet9'"]),
+        (["train", "kdparam", "--temperatures", "2,0"], ["every temperature must be > 0"]),
+        (["train", "kdparam", "--alphas", "0.5,x"], ["not a comma-separated list of numbers"]),
+        (["train", "ab", "--epochs", "1"], ["ab needs more epochs"]),
+        (["train", "uda", "--labeled-fraction", "0"], ["labeled_fraction must be in (0, 1]"]),
+        (["train", "kd", "--teacher-checkpoint", "models:/no-such-model/1"], ["cannot fetch models:/no-such-model/1"]),
+    ]
+    for args, needles in cases:
+        assert_clean_error(invoke([*args, *TINY]), *needles)
+    # the models:/ lookup opened the tracking store: it must hold no run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_missing_dataset_without_network_names_the_fix(workdir):
+    # CIFAR-10 is not on this machine and nothing can be downloaded here: a clear error.
+    result = invoke(["train", "nokd", "--dataset", "cifar10", "--data-dir", str(workdir / "empty"), *TINY])
+    assert_clean_error(result, "dataset cifar10 is not on this machine", "data_dir")
