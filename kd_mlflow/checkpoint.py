@@ -21,6 +21,12 @@ from .config import ConfigError
 META_KEYS = ("arch", "dataset", "num_classes", "in_channels")
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
@@ -29,6 +35,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}; choose a writable directory") from exc
     try:
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -47,6 +54,7 @@ def atomic_copy(src, dst) -> Path:
     dst = Path(dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
+        os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
             out.flush()

@@ -192,6 +192,7 @@ def run(cfg: Config, tracker_factory=None):
             tracker.set_tags({"checkpoint_path": str(output)})
             print(f"teacher checkpoint written to {output}")
             if is_inside_pretrained(output):
-                entry = pretrained.record(output, " ".join(shlex.quote(a) for a in sys.argv))
+                argv = [Path(sys.argv[0]).name, *sys.argv[1:]]  # "kd-mlflow ..." / "run.py ...", not a local path
+                entry = pretrained.record(output, " ".join(shlex.quote(a) for a in argv))
                 print(f"recorded in {pretrained.MANIFEST} (sha256 {entry['sha256'][:12]}...)")
     return result
