@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -385,11 +384,10 @@ def test_champion_alias_follows_test_acc_and_pull_reproduces_it(tracking, tmp_pa
     # pull the champion in a fresh process, load it here, measure it on the real test split
     out = tmp_path / "pulled"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    t0 = time.time()
     pulled = subprocess.run([str(BIN / "kd-mlflow"), "models", "pull", f"{name}@{CHAMPION}", "-o", str(out)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert pulled.returncode == 0, pulled.stderr[-3000:]
-    assert f"models:/{name}/2" in pulled.stdout and time.time() - t0 < 300
+    assert f"models:/{name}/2" in pulled.stdout
     model = mlflow.pytorch.load_model(str(out))
     logged = client.get_run(client.get_model_version(name, "2").run_id).data.metrics["test_acc"]
     assert logged == pytest.approx(strong.test_acc)
