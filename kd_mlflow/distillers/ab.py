@@ -4,12 +4,10 @@ teacher's neurons switch on and off, then train it with ordinary Hinton KD."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import Distiller
+from .features import connected_pre_relu_pairs, conv_bn_connectors
 from .kd import hinton_terms
-from .features import (conv_bn_connector, deep_stage_weights, match_spatial,
-                       paired_stages, teacher_pre_relu)
 
 
 def ab_loss(student_resp: torch.Tensor, teacher_resp: torch.Tensor, margin: float) -> torch.Tensor:
@@ -39,12 +37,7 @@ class ActivationBoundaries(Distiller):
 
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.pairs = paired_stages(student, self.teacher)
-        self.connectors = nn.ModuleList(
-            conv_bn_connector(student.stage_channels[si], self.teacher.stage_channels[ti])
-            for si, ti in self.pairs
-        )
-        self.stage_weights = deep_stage_weights(len(self.pairs))
+        self.pairs, self.connectors, self.stage_weights = conv_bn_connectors(student, self.teacher)
         self.boundary_phase = cfg.ab_init_epochs > 0
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -61,8 +54,6 @@ class ActivationBoundaries(Distiller):
             t = self.teacher.features(x)
         s = self.student.features(x)
         total = 0.0
-        for (si, ti), connector, w in zip(self.pairs, self.connectors, self.stage_weights):
-            ft = teacher_pre_relu(self.teacher, ti, t.stages[ti])
-            fs, ft = match_spatial(s.stages[si], ft)
-            total = total + w * ab_loss(connector(fs).float(), ft, self.cfg.ab_margin)
+        for w, fs, ft in connected_pre_relu_pairs(self, s.stages, t.stages):
+            total = total + w * ab_loss(fs, ft, self.cfg.ab_margin)
         return s.logits, {"ab": total}

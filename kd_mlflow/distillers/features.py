@@ -68,3 +68,23 @@ def teacher_pre_relu(teacher: nn.Module, stage_index: int, feat: torch.Tensor) -
         return feat
     return F.batch_norm(feat, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                         training=False, momentum=0.0, eps=bn.eps)
+
+
+def conv_bn_connectors(student: nn.Module, teacher: nn.Module):
+    """-> (paired stages, a 1x1 conv+BN connector per pair, deep-heavy stage weights):
+    the setup AB and OH share for comparing pre-ReLU feature maps."""
+    pairs = paired_stages(student, teacher)
+    connectors = nn.ModuleList(
+        conv_bn_connector(student.stage_channels[si], teacher.stage_channels[ti]) for si, ti in pairs
+    )
+    return pairs, connectors, deep_stage_weights(len(pairs))
+
+
+def connected_pre_relu_pairs(distiller, s_stages, t_stages):
+    """For each paired stage: (weight, connected student map in fp32, teacher pre-ReLU map
+    pooled to the same size), from ``distiller.pairs/connectors/stage_weights``."""
+    for (si, ti), connector, w in zip(distiller.pairs, distiller.connectors, distiller.stage_weights):
+        ft = teacher_pre_relu(distiller.teacher, ti, t_stages[ti])
+        fs, ft = match_spatial(s_stages[si], ft)
+        yield w, connector(fs).float(), ft
+

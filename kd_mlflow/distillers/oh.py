@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Distiller
-from .features import conv_bn_connector, deep_stage_weights, match_spatial, paired_stages, teacher_pre_relu
+from .features import connected_pre_relu_pairs, conv_bn_connectors
 
 
 def overhaul_margin(bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -56,12 +56,7 @@ class Overhaul(Distiller):
 
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.pairs = paired_stages(student, self.teacher)
-        self.connectors = nn.ModuleList(
-            conv_bn_connector(student.stage_channels[si], self.teacher.stage_channels[ti])
-            for si, ti in self.pairs
-        )
-        self.stage_weights = deep_stage_weights(len(self.pairs))
+        self.pairs, self.connectors, self.stage_weights = conv_bn_connectors(student, self.teacher)
         bns = self.teacher.bn_before_relu()
         for k, (_, ti) in enumerate(self.pairs):
             self.register_buffer(f"margin{k}", overhaul_margin(bns[ti]).view(1, -1, 1, 1))
@@ -74,11 +69,8 @@ class Overhaul(Distiller):
             t = self.teacher.features(x)
         s = self.student.features(x)
         total = 0.0
-        for (si, ti), connector, w, margin in zip(self.pairs, self.connectors, self.stage_weights, self.margins()):
-            ft = teacher_pre_relu(self.teacher, ti, t.stages[ti])
-            fs, ft = match_spatial(s.stages[si], ft)
-            target = torch.maximum(ft, margin.float())
-            total = total + w * partial_l2(connector(fs).float(), target)
+        for (w, fs, ft), margin in zip(connected_pre_relu_pairs(self, s.stages, t.stages), self.margins()):
+            total = total + w * partial_l2(fs, torch.maximum(ft, margin.float()))
         return s.logits, {
             "ce": F.cross_entropy(s.logits.float(), y),
             "oh": self.cfg.beta * total / x.shape[0],
