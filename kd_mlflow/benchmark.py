@@ -26,7 +26,7 @@ BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ense
                     "train_subset", "val_size", "test_subset", "device", "precision", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
-RESUME_IGNORES = {"experiment", "registered_model", "device", "precision", "compile", "data_dir"}
+RESUME_IGNORES = {"experiment", "registered_model", "device", "precision", "compile", "nproc_per_node", "data_dir"}
 
 
 @dataclass

@@ -27,7 +27,9 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` through ``write(binary file)`` so that it is either the old file or
+    the complete new one (temp file in the same directory, fsync, rename)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     try:
         os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,21 +51,21 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_copy(src, dst) -> Path:
     """Copy a file so that ``dst`` is either the old file or the complete new one."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        os.chmod(tmp, _umask_mode())
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    def copy(out):
+        with open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+
+    return _atomic_write(dst, copy)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_model_checkpoint(path, model: torch.nn.Module, meta: dict) -> Path:

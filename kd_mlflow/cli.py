@@ -5,6 +5,7 @@ cannot drift apart."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import click
@@ -35,12 +36,42 @@ def config_options(mode_name: str):
     return decorate
 
 
+def _is_rank0() -> bool:
+    """False in torchrun's processes other than rank 0, which run in silence: every rank
+    meets the same errors, and rank 0 reports them once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
+    if _is_rank0():
+        click.echo(f"error: {exc}", err=True)
+    else:
+        import time
+
+        time.sleep(1.0)  # let rank 0 say it and fail first: torchrun stops the others then
     sys.exit(2)
 
 
+def _cli_args(cfg: Config) -> list[str]:
+    """``kd-mlflow`` arguments that reproduce ``cfg`` exactly: what torchrun's processes
+    are started with, so they cannot disagree with the launcher about any parameter."""
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return repr(value) if isinstance(value, float) else str(value)  # repr: floats round-trip exactly
+
+    mode = MODES[cfg.mode]
+    args = ["teacher"] if mode.kind == "teacher" else ["train", cfg.mode]
+    for name in mode.fields:
+        args += [f"--{name}", text(getattr(cfg, name))]
+    return args
+
+
 def run_config(cfg: Config) -> None:
+    if cfg.nproc_per_node > 1 and not ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        from .distributed import launch
+
+        sys.exit(launch(cfg.nproc_per_node, _cli_args(cfg)))
     from .runner import Terminated, run
     from .trainer import NonFiniteLoss
 
@@ -49,15 +80,18 @@ def run_config(cfg: Config) -> None:
     except ConfigError as exc:
         _fail(exc)
     except NonFiniteLoss as exc:
-        click.echo(f"error: {exc}; the run is marked FAILED", err=True)
+        if _is_rank0():
+            click.echo(f"error: {exc}; the run is marked FAILED", err=True)
         sys.exit(1)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if isinstance(exc, Terminated) else "interrupt"
-        click.echo(f"stopped by {signal_name}: the run is marked KILLED; continue it from its last epoch "
-                   f"checkpoint with --resume auto (or the run id)", err=True)
+        if _is_rank0():
+            click.echo(f"stopped by {signal_name}: the run is marked KILLED; continue it from its last epoch "
+                       f"checkpoint with --resume auto (or the run id)", err=True)
         sys.exit(143 if isinstance(exc, Terminated) else 130)
-    if result is None:
+    if result is None or not _is_rank0():
         return
+    _exit_if_offline()
     click.echo(f"\nmode {cfg.mode}: {cfg.network} on {cfg.dataset}")
     click.echo(f"  test_acc      {result.test_acc:.2f}%  (best val_acc {result.best_val_acc:.2f}% "
                f"at epoch {result.best_epoch + 1})")
@@ -68,10 +102,25 @@ def run_config(cfg: Config) -> None:
     click.echo(f"  open the UI:  {_ui_hint()}")
 
 
+EXIT_OFFLINE = 75  # EX_TEMPFAIL: trained, but the tracking server has not got everything yet
+
+
+def _exit_if_offline() -> None:
+    from .tracking import OFFLINE_DIRS
+
+    if OFFLINE_DIRS:
+        click.echo(f"warning: the tracking server never came back; the training finished and what the server "
+                   f"missed is in {', '.join(map(str, OFFLINE_DIRS))}. Upload it with `kd-mlflow sync runs` "
+                   f"once the server is back.", err=True)
+        sys.exit(EXIT_OFFLINE)
+
+
 def _tracking_uri() -> str:
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    from .tracking import redact
+
+    return redact(mlflow.get_tracking_uri())
 
 
 def _ui_hint() -> str:
@@ -199,6 +248,21 @@ def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
         sys.exit(1)
 
 
+@main.command(name="sync")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def sync_command(directory: str) -> None:
+    """Upload what the tracking server missed during an outage: DIRECTORY is a run's
+    offline directory (runs/<run_id>/offline) or one that contains several (runs).
+    Runs already synced are skipped, so syncing twice uploads nothing twice."""
+    from .sync import sync
+
+    try:
+        synced = sync(directory, echo=click.echo)
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(f"synced {len(synced)} run(s): {', '.join(synced) or '-'}")
+
+
 @main.group(name="models")
 def models_group() -> None:
     """Registered students: list them, pull one, move the champion alias."""
@@ -253,6 +317,37 @@ def models_champion_command(name: str) -> None:
         click.echo(f"error: {name} has no version whose run has a test_acc metric (or no such model)", err=True)
         sys.exit(2)
     click.echo(f"{name}@champion -> version {version}")
+
+
+# ------------------------------------------------------------ team tracking server
+@main.command(name="server", context_settings={"ignore_unknown_options": True})
+@click.option("--backend-store-uri", envvar="KD_SERVER_BACKEND_STORE_URI",
+              default="postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow", show_default=True,
+              help="Backend store (SQLAlchemy URI); default from $KD_SERVER_BACKEND_STORE_URI. A password is read "
+                   "from ~/.pgpass or PGPASSWORD when the URI has none.")
+@click.option("--artifacts-destination", default="./mlartifacts", show_default=True,
+              help="Where the server stores artifacts it proxies: a directory, or s3://bucket/path (needs boto3).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind. Loopback unless you pass another one explicitly (0.0.0.0 = every "
+                   "interface: put authentication in front, see README).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="uvicorn worker processes.")
+@click.argument("mlflow_args", nargs=-1, type=click.UNPROCESSED)
+def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int, workers: int,
+                   mlflow_args: tuple) -> None:
+    """Run a team tracking server: `mlflow server` on a PostgreSQL backend store with proxied
+    artifacts, in the foreground. The driver, the database (reachable, credentials) and the
+    port are checked first, each failing with one line. Anything after `--` goes to
+    `mlflow server` as is (e.g. -- --allowed-hosts mlflow.example.com --app-name basic-auth)."""
+    from .server import ServerError, serve
+
+    try:
+        code = serve(backend_store_uri, artifacts_destination, host, port, workers, mlflow_args, echo=click.echo)
+    except ServerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,19 @@ class ConfigError(ValueError):
 
 def _f(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def unwritable_reason(directory: Path, tag: str = "") -> str | None:
+    """Why files cannot be created in ``directory`` (created if missing), or None: a real
+    write of an empty probe file, which catches read-only mounts and permissions alike."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".kd-mlflow-write-test-{os.getpid()}{tag}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 @dataclass
@@ -53,6 +67,8 @@ class Config:
     resume: str = _f("", "Continue an interrupted run from its last epoch checkpoint: its MLflow run id, "
                          "or 'auto' (the latest unfinished run here with the same settings).")
     compile: bool = _f(False, "torch.compile the student and teacher(s) (pays a one-off compile time).")
+    nproc_per_node: int = _f(1, "Data-parallel processes on this machine (one per GPU; torchrun is started for "
+                                "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")
     registered_model: str = _f("", "Registry name; empty = <dataset>-<student>-<mode>.")
     temperature: float = _f(4.0, "Softmax temperature T of the KD term.")
@@ -183,12 +199,31 @@ class Config:
         dev = self.device
         need(dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:"),
              f"unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
+        self._validate_processes(need)
         if "temperature" in uses:
             need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         if "alpha" in uses:
             need(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         self._validate_mode_specific(uses, need)
         return self
+
+    def _validate_processes(self, need) -> None:
+        n, dev = self.nproc_per_node, self.device
+        need(n >= 1, f"nproc_per_node must be >= 1, got {n}; pass -P nproc_per_node=N (1 = no torchrun)")
+        if n == 1:
+            return
+        need(self.batch_size % n == 0,
+             f"batch_size={self.batch_size} is the global batch and must split evenly over nproc_per_node={n} "
+             f"processes; pass a multiple of {n}")
+        need(not dev.startswith("cuda:"),
+             f"device={dev} pins one GPU but nproc_per_node={n} uses one GPU per process; pass -P device=cuda")
+        need(dev != "mps", f"nproc_per_node={n} runs on cpu or cuda, not mps; pass -P device=cpu")
+        import torch
+
+        if dev in ("cuda", "auto") and torch.cuda.is_available():
+            gpus = torch.cuda.device_count()
+            need(n <= gpus, f"nproc_per_node={n} but this machine has {gpus} GPU(s); "
+                            f"pass -P nproc_per_node={max(gpus, 1)} or -P device=cpu")
 
     def _validate_mode_specific(self, uses: set, need) -> None:
         from .models import ARCHITECTURES, is_known_architecture

@@ -194,10 +194,18 @@ class DeviceBatches:
     Augmentation (random crop with zero padding, horizontal flip) and normalisation
     run batched on the device; the random stream comes from a dedicated generator
     so a seed reproduces the same batches.
+
+    Sharded (``world_size`` > 1): ``batch_size`` is the global batch. Every rank draws
+    the same order and the same augmentation for the whole global batch from the same
+    seed, then keeps its contiguous share of it, so the N shards of a batch concatenated
+    are exactly the one-process batch. A last partial batch is split as evenly as
+    possible (``global_size`` says how large the current global batch is); it is kept
+    when every rank gets at least one image.
     """
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, *, device,
-                 shuffle: bool, augment: bool, seed: int = 0, channels_last: bool = True):
+                 shuffle: bool, augment: bool, seed: int = 0, channels_last: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.x = split.x.to(device)
         self.y = split.y.to(device)
         self.info = info
@@ -209,16 +217,24 @@ class DeviceBatches:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1) * 255
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.global_size = 0  # size of the global batch whose shard was yielded last
+
+    def _keeps_last(self, rest: int) -> bool:
+        # A batch of one would break BatchNorm; a shard of none would leave a rank idle.
+        return rest > 1 and rest >= self.world_size
 
     def __len__(self) -> int:
-        n = len(self.y)
-        full, rest = divmod(n, self.batch_size)
-        return full + (1 if rest > 1 else 0)  # a batch of one would break BatchNorm
+        full, rest = divmod(len(self.y), self.batch_size)
+        return full + (1 if self._keeps_last(rest) else 0)
 
     @property
     def num_images(self) -> int:
-        n = len(self.y)
-        return n - (1 if n % self.batch_size == 1 else 0)
+        """Images per pass over all ranks (the global count)."""
+        full, rest = divmod(len(self.y), self.batch_size)
+        return full * self.batch_size + (rest if self._keeps_last(rest) else 0)
 
     def __iter__(self):
         n = len(self.y)
@@ -226,28 +242,35 @@ class DeviceBatches:
                  if self.shuffle else torch.arange(n, device=self.device))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.x[idx]
+            b = len(idx)
+            lo, hi = b * self.rank // self.world_size, b * (self.rank + 1) // self.world_size
+            self.global_size = b
+            x = self.x[idx[lo:hi]]
             if self.augment:
-                x = self._augment(x)
-            yield self.normalize(x), self.y[idx]
+                x = self._augment(x, b, lo)
+            yield self.normalize(x), self.y[idx[lo:hi]]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = (x_uint8.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, global_b: int | None = None, offset: int = 0) -> torch.Tensor:
+        """Crop/flip ``x``, images ``offset..offset+len(x)`` of a global batch of ``global_b``:
+        the draws are made for the whole global batch (the same stream on every rank)."""
         b, c, h, w = x.shape
+        global_b = b if global_b is None else global_b
+        shard = slice(offset, offset + b)
         p = self.info.crop_padding
         if p:
             padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (b,), device=self.device, generator=self.generator)
-            ox = torch.randint(0, 2 * p + 1, (b,), device=self.device, generator=self.generator)
+            oy = torch.randint(0, 2 * p + 1, (global_b,), device=self.device, generator=self.generator)[shard]
+            ox = torch.randint(0, 2 * p + 1, (global_b,), device=self.device, generator=self.generator)[shard]
             rows = (oy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
             bi = torch.arange(b, device=self.device)[:, None, None, None]
             ci = torch.arange(c, device=self.device)[None, :, None, None]
             x = padded[bi, ci, rows, cols]
         if self.info.hflip:
-            flip = torch.rand(b, device=self.device, generator=self.generator) < 0.5
+            flip = torch.rand(global_b, device=self.device, generator=self.generator)[shard] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
-RUNTIME = ("seed", "device", "precision", "compile", "experiment", "registered_model")
+RUNTIME = ("seed", "device", "precision", "compile", "nproc_per_node", "experiment", "registered_model")
 PAIR = ("student", "teacher", "teacher_checkpoint")
 HINTON = ("temperature", "alpha")
 

@@ -4,11 +4,16 @@
 its shape, output directory, dataset sizes) before it creates an MLflow run, then
 trains through ``train_student`` — which multi-stage strategies call once per stage
 inside nested runs.
+
+Under torchrun every rank runs all of this in step (the same checks, the same stages);
+rank 0 alone owns the MLflow run, the checkpoints and the files, and tells the other
+ranks the run id (see distributed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import sys
@@ -18,14 +23,16 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import atomic_copy, save_model_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, unwritable_reason
 from .data import DataBundle, DeviceBatches, load_data
 from .models import create_model
 from .modes import MODES
 from . import pretrained
 from .pretrained import is_inside_pretrained
 from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
+from .tracking import NullTracker
 from .trainer import Trainer, evaluate, resolve_device, resolve_precision, seed_everything
 
 RUNS_DIR = Path("runs")
@@ -61,14 +68,9 @@ def teacher_output_path(cfg: Config) -> Path:
 
 
 def _check_writable(path: Path) -> None:
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".kd-mlflow-write-test-{path.name}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write the output {path}: {exc.strerror}; pass -P output=PATH in a writable directory") from exc
+    reason = unwritable_reason(path.parent, f"-{path.name}")
+    if reason:
+        raise ConfigError(f"cannot write the output {path}: {reason}; pass -P output=PATH in a writable directory")
 
 
 def example_input(data: DataBundle, n: int = 2) -> torch.Tensor:
@@ -92,24 +94,27 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
     fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
                   workdir=workdir, progress_desc=desc or cfg.mode).fit(resume_state)
-    test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False)
+    test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False,
+                                 rank=distributed.rank(), world_size=distributed.world_size())
     test_acc, _ = evaluate(student, test_batches, rt.amp_dtype)
-    final = {"test_acc": test_acc, "best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch}
-    if teacher_meta and "test_acc" in teacher_meta:
-        final["teacher_test_acc"] = float(teacher_meta["test_acc"])
-    tracker.log_metrics(final)
-    tracker.log_figure(learning_curves(fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}"),
-                       "figures/learning_curves.png")
-    tracker.log_dict(cfg.params(), "config.json")
-
     student_cpu = student.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
-    meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
-            "in_channels": info.in_channels, "test_acc": test_acc, "best_val_acc": fit.best_val_acc,
-            "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
-    checkpoint = save_model_checkpoint(workdir / "model.pt", student_cpu, meta)
-    model_uri, version = tracker.log_model(student_cpu, example_input(data),
-                                           registered_name=cfg.model_name if register else None,
-                                           checkpoint=checkpoint)
+    checkpoint = workdir / "model.pt"
+    model_uri, version = None, None
+    if distributed.is_main():  # the other ranks have computed the same numbers; rank 0 records them
+        final = {"test_acc": test_acc, "best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch}
+        if teacher_meta and "test_acc" in teacher_meta:
+            final["teacher_test_acc"] = float(teacher_meta["test_acc"])
+        tracker.log_metrics(final)
+        tracker.log_figure(learning_curves(fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}"),
+                           "figures/learning_curves.png")
+        tracker.log_dict(cfg.params(), "config.json")
+        meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "test_acc": test_acc, "best_val_acc": fit.best_val_acc,
+                "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
+        checkpoint = save_model_checkpoint(checkpoint, student_cpu, meta)
+        model_uri, version = tracker.log_model(student_cpu, example_input(data),
+                                               registered_name=cfg.model_name if register else None,
+                                               checkpoint=checkpoint)
     return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
                        cfg.model_name if version is not None else None, version, checkpoint, fit.history,
                        model_uri, student_cpu)
@@ -122,18 +127,48 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _terminate_on_sigterm():
+    """-> a list that holds the signal number once SIGTERM has arrived."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame):
+        received.append(signum)
         raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _RankTracker(NullTracker):
+    """What ranks other than 0 report to: nothing, under rank 0's run id (so that they
+    agree on runs/<run_id>/)."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+
+@contextlib.contextmanager
+def _open_run(start, *args, **kwargs):
+    """``start(...)``'s run on rank 0 (the only rank that talks to MLflow); the other
+    ranks get a _RankTracker with the run id rank 0 sends them."""
+    if distributed.world_size() == 1:
+        with start(*args, **kwargs) as tracker:
+            yield tracker
+        return
+    with contextlib.ExitStack() as stack:
+        opened = []
+
+        def open_on_main():
+            opened.append(stack.enter_context(start(*args, **kwargs)))
+            return opened[0].run_id
+
+        run_id = distributed.on_main(open_on_main)
+        yield opened[0] if opened else _RankTracker(run_id)
 
 
 def load_teachers(cfg: Config, mode) -> tuple[list, list]:
@@ -153,12 +188,26 @@ def run(cfg: Config, tracker_factory=None):
     from .tracking import start_run
 
     cfg.validate()
+    from .tracking import check_tracking_server
+
+    if tracker_factory is None:
+        check_tracking_server()  # an unreachable server or bad credentials: one line, within seconds
     mode = MODES[cfg.mode]
     impl = mode.load()
     rt = runtime_for(cfg)
+    with distributed.session(rt.device, cfg.batch_size, cfg.nproc_per_node) as device:
+        if distributed.world_size() > 1:
+            rt = Runtime(device, rt.amp_dtype)
+            # Log what really runs (torchrun started directly leaves the parameter at 1).
+            cfg = cfg.replace(nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())))
+        return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
+
+
+def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
+    main = distributed.is_main()
     teachers, metas = load_teachers(cfg, mode)
     teacher_tag = "+".join(m["arch"] for m in metas) or "none"
-    if mode.teacher_source == "teacher" and cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
+    if main and mode.teacher_source == "teacher" and cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
         print(f"note: the teacher checkpoint is a {teacher_tag}; -P teacher={cfg.teacher} is ignored",
               file=sys.stderr)
     if mode.name == "allkd":
@@ -172,27 +221,43 @@ def run(cfg: Config, tracker_factory=None):
     if cfg.resume:
         from .tracking import resumable_run
 
-        resume_run = resumable_run(cfg.params(), cfg.resume, lambda rid: (RUNS_DIR / rid / "last.pt").is_file())
-        resume_state = torch.load(RUNS_DIR / resume_run / "last.pt", map_location="cpu", weights_only=True)
-        print(f"resuming run {resume_run} after epoch {resume_state['epoch'] + 1}/{resume_state['epochs']}",
-              file=sys.stderr)
+        # The number of processes is how a run runs, not what it computes: a run resumes on any.
+        params = {k: v for k, v in cfg.params().items() if k != "nproc_per_node"}
+        resume_run = distributed.on_main(
+            lambda: resumable_run(params, cfg.resume, lambda rid: (RUNS_DIR / rid / "last.pt").is_file()))
+        # Read by rank 0 (which wrote it) and sent to the others: no shared disk needed across nodes.
+        resume_state = distributed.on_main(
+            lambda: torch.load(RUNS_DIR / resume_run / "last.pt", map_location="cpu", weights_only=True))
+        if main:
+            print(f"resuming run {resume_run} after epoch {resume_state['epoch'] + 1}/{resume_state['epochs']}",
+                  file=sys.stderr)
     data = load_data(cfg)
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
-            "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32"}
-    start = tracker_factory or start_run
+            "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+            "world_size": str(distributed.world_size())}
     extra = {"run_id": resume_run} if resume_run else {}
-    with _terminate_on_sigterm(), start(cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
-        if mode.kind == "strategy":
-            return impl(cfg, data, teachers, metas, tracker, rt)
-        result = train_student(cfg, impl, data, teachers, tracker, rt,
-                               teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state)
-        if output is not None:
+    with _terminate_on_sigterm() as sigterm, \
+            _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
+        try:
+            if mode.kind == "strategy":
+                return impl(cfg, data, teachers, metas, tracker, rt)
+            result = train_student(cfg, impl, data, teachers, tracker, rt,
+                                   teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state)
+        except Exception as exc:
+            if sigterm and distributed.world_size() > 1:
+                # torchrun sends SIGTERM to every rank; a rank that exits first breaks the
+                # collective another one waits in, so that error is really the termination.
+                raise Terminated(f"signal {sigterm[0]}") from exc
+            raise
+        if output is not None and main:
             atomic_copy(result.checkpoint, output)
             tracker.set_tags({"checkpoint_path": str(output)})
             print(f"teacher checkpoint written to {output}")
             if is_inside_pretrained(output):
-                argv = [Path(sys.argv[0]).name, *sys.argv[1:]]  # "kd-mlflow ..." / "run.py ...", not a local path
+                prog = Path(sys.argv[0]).name
+                prog = "kd-mlflow" if prog == "__main__.py" else prog  # python -m kd_mlflow (torchrun)
+                argv = [prog, *sys.argv[1:]]  # "kd-mlflow ..." / "run.py ...", not a local path
                 entry = pretrained.record(output, " ".join(shlex.quote(a) for a in argv))
                 print(f"recorded in {pretrained.MANIFEST} (sha256 {entry['sha256'][:12]}...)")
     return result

@@ -3,18 +3,31 @@
 Run ownership: under ``mlflow run`` the entry point logs into the run MLflow created
 (``MLFLOW_RUN_ID``), never a second top-level run; launched directly, we create it.
 Multi-stage modes open nested child runs with ``tracker.child(...)``.
+
+Outages: a remote tracking server must answer when a run starts (``check_tracking_server``).
+If it goes away later, training goes on: metrics wait in a bounded in-process buffer that
+a background thread delivers when the server is back; calls at the end of a training
+wait for it (``KD_TRACKING_OUTAGE_WAIT`` seconds, default 300), and if it never returns
+everything not delivered goes to ``runs/<run_id>/offline/`` for ``kd-mlflow sync``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import os
+import shutil
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "kd-mlflow"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_ROOT = Path("runs")  # the runner's working directory for per-run files
+MAX_BUFFERED_METRICS = 100_000  # beyond this, the oldest buffered points go to the fallback file
 
 
 class NullTracker:
@@ -25,6 +38,7 @@ class NullTracker:
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
+    def backfill(self, history: list) -> None: ...
     def log_dict(self, obj, path: str) -> None: ...
     def log_figure(self, fig, path: str) -> None: ...
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None: ...
@@ -78,55 +92,406 @@ def _warm_model_logging() -> None:
         requirements_utils._init_modules_to_packages_map()
 
 
+# ------------------------------------------------------------------ server health
+def redact(uri: str) -> str:
+    """``uri`` with its password replaced by *** (in an http(s) URI a lone user part, often
+    a token, too): safe to print and to log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None and (parts.username is None or not _is_http(uri)):
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _request_kwargs() -> dict:
+    """Credentials and TLS settings from MLflow's standard variables (never logged)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    return {"auth": (user, password) if user and password else None,
+            "headers": {"Authorization": f"Bearer {token}"} if token else {}, "verify": verify}
+
+
+def server_up(uri: str, timeout: float = 3.0) -> bool:
+    """Whether the tracking server answers its (unauthenticated) health check."""
+    if not _is_http(uri):
+        return True
+    import requests
+
+    try:
+        r = requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=_request_kwargs()["verify"])
+        return r.status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = 4.0) -> None:
+    """Fail fast, before any work, when a remote tracking server does not answer or refuses
+    the credentials: MLflow's own client would retry for minutes first."""
+    import mlflow
+    import requests
+
+    from .config import ConfigError
+
+    uri = uri or mlflow.get_tracking_uri()
+    if not _is_http(uri):
+        return
+    shown = redact(uri)
+    try:
+        r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                         timeout=timeout, **_request_kwargs())
+    except requests.exceptions.SSLError as exc:
+        raise ConfigError(f"tracking server {shown}: TLS failed ({type(exc).__name__}); set "
+                          f"MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle") from None
+    except requests.RequestException as exc:
+        reason = ("timed out after %.0fs" % timeout if isinstance(exc, requests.Timeout)
+                  else "connection refused" if "refused" in str(exc).lower() else type(exc).__name__)
+        raise ConfigError(f"tracking server {shown} is unreachable ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+                          f"or unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from None
+    if r.status_code == 401:
+        raise ConfigError(f"tracking server {shown} refused the credentials (HTTP 401); set "
+                          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if r.status_code == 403:
+        raise ConfigError(f"tracking server {shown} denied access (HTTP 403) to user "
+                          f"{os.environ.get('MLFLOW_TRACKING_USERNAME', '')!r}; ask its admin for permissions")
+    if r.status_code != 200:
+        raise ConfigError(f"tracking server {shown} answered HTTP {r.status_code} to an MLflow API call; "
+                          f"check that MLFLOW_TRACKING_URI points at an MLflow server")
+    # Our own outage handling waits for the server; MLflow's exponential back-off (up to
+    # ~4 min per call by default) would only hide an outage. Users' settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def _say(message: str) -> None:
+    print(f"[kd-mlflow] {message}", file=sys.stderr, flush=True)
+
+
+def outage_wait_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("KD_TRACKING_OUTAGE_WAIT", "300")))
+    except ValueError:
+        return 300.0
+
+
+class _Link:
+    """This process's view of one tracking server: up, down since when, given up on."""
+
+    _by_uri: dict = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, uri: str):
+        self.uri, self.shown = uri, redact(uri)
+        self.down_since: float | None = None
+        self.gave_up = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, uri: str) -> "_Link":
+        with cls._registry_lock:
+            return cls._by_uri.setdefault(uri, cls(uri))
+
+    def up(self) -> bool:
+        ok = server_up(self.uri)
+        with self._lock:
+            if ok and self.down_since is not None:
+                _say(f"tracking server {self.shown} is back after {time.time() - self.down_since:.0f}s; "
+                     f"delivering what was buffered")
+                self.down_since, self.gave_up = None, False
+            elif not ok and self.down_since is None:
+                self.down_since = time.time()
+                _say(f"warning: tracking server {self.shown} is unreachable; training goes on and metrics "
+                     f"are buffered until it returns")
+        return ok
+
+    def wait(self, what: str) -> bool:
+        """True once the server answers; False after KD_TRACKING_OUTAGE_WAIT seconds
+        (waited once per outage: later calls give up at once)."""
+        if self.up():
+            return True
+        if self.gave_up:
+            return False
+        wait = outage_wait_seconds()
+        _say(f"waiting up to {wait:.0f}s (KD_TRACKING_OUTAGE_WAIT) for tracking server {self.shown} to log {what}")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(max(0.0, min(2.0, deadline - time.monotonic())))
+            if self.up():
+                return True
+        self.gave_up = True
+        _say(f"tracking server {self.shown} did not come back; what it missed goes to the run's "
+             f"offline directory (upload it later with `kd-mlflow sync`)")
+        return False
+
+    def call(self, fn, what: str):
+        """-> (True, fn()) once the server takes it, or (False, None) when it never came back.
+        An error while the server is up is a real error and propagates."""
+        while self.wait(what):
+            try:
+                return True, fn()
+            except Exception:
+                if self.up():
+                    raise
+        return False, None
+
+
+OFFLINE_DIRS: list[Path] = []  # fallback directories written by this process
+
+
+class _Offline:
+    """What the tracking server missed for one run: ``runs/<run_id>/offline/`` with
+    run.json (params, tags, artifacts, models, final status), metrics.jsonl and files/."""
+
+    def __init__(self, run_id: str, link: _Link):
+        self.dir = OFFLINE_ROOT / run_id / "offline"
+        self.record = {"format": "kd-mlflow-offline/1", "run_id": run_id, "tracking_uri": link.shown,
+                       "experiment_name": None, "parent_run_id": None, "params": {}, "tags": {},
+                       "artifacts": [], "models": [], "registrations": [], "status": None, "done": []}
+        self.used = False
+        self._lock = threading.Lock()
+
+    def path_for(self, artifact_path: str) -> Path:
+        target = self.dir / "files" / artifact_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def add(self, key: str, value) -> None:
+        with self._lock:
+            self.used = True
+            if isinstance(self.record[key], dict):
+                self.record[key].update(value)
+            elif isinstance(self.record[key], list):
+                self.record[key].append(value)
+            else:
+                self.record[key] = value
+
+    def add_file(self, artifact_path: str) -> None:
+        self.add("artifacts", artifact_path)
+
+    def add_metrics(self, metrics) -> None:
+        if not metrics:
+            return
+        with self._lock:
+            self.used = True
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                for m in metrics:
+                    f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                        "step": m.step}) + "\n")
+
+    def save(self) -> Path | None:
+        if not self.used:
+            return None
+        from .checkpoint import atomic_write_text
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(self.record, indent=2, default=str), self.dir / "run.json")
+        if self.dir not in OFFLINE_DIRS:
+            OFFLINE_DIRS.append(self.dir)
+        return self.dir
+
+
+class _MetricBuffer:
+    """Metrics in logging order, delivered in batches by a daemon thread, so the epoch
+    loop never waits on the server; an outage only delays them. Bounded: beyond
+    MAX_BUFFERED_METRICS points the oldest go to the offline file (never dropped)."""
+
+    def __init__(self, run_id: str, link: _Link, offline: _Offline):
+        self.run_id, self.link, self.offline = run_id, link, offline
+        self.pending: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name=f"kd-metrics-{run_id[:8]}", daemon=True)
+        self.thread.start()
+
+    def add(self, metrics: dict, step: int | None) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        with self.cond:
+            self.pending.extend(Metric(k, float(v), stamp, step or 0) for k, v in metrics.items())
+            overflow = len(self.pending) - MAX_BUFFERED_METRICS
+            if overflow > 0:
+                self.offline.add_metrics([self.pending.popleft() for _ in range(overflow)])
+            self.cond.notify_all()
+
+    def _next_batch(self) -> list:
+        return [self.pending[i] for i in range(min(1000, len(self.pending)))]
+
+    def _deliver(self, batch) -> bool:
+        if not self.link.up():
+            return False
+        try:
+            import mlflow
+
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=True)
+            return True
+        except Exception as exc:
+            if self.link.up():
+                _say(f"warning: logging metrics to run {self.run_id} failed ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:200]}); retrying")
+            return False
+
+    def _done(self, batch) -> None:
+        with self.cond:
+            for _ in batch:
+                self.pending.popleft()
+            self.cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return  # close() delivers the rest on the caller's thread
+                batch = self._next_batch()
+            if self._deliver(batch):
+                self._done(batch)
+            else:
+                with self.cond:
+                    self.cond.wait(timeout=2.0)
+
+    def close(self) -> None:
+        """Deliver what is left, waiting for an absent server (KD_TRACKING_OUTAGE_WAIT);
+        what it never takes goes to the offline directory."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join()
+        failures = 0
+        while self.pending and failures < 3:
+            if not self.link.wait(f"{len(self.pending)} buffered metric values"):
+                break
+            batch = self._next_batch()
+            if self._deliver(batch):
+                self._done(batch)
+            else:
+                failures += 1
+        if self.pending:
+            self.offline.add_metrics(list(self.pending))
+            self.pending.clear()
+
+
 class MlflowTracker:
     _warming: threading.Thread | None = None
 
     def __init__(self, run_id: str):
+        import mlflow
+
         self.run_id = run_id
+        self.link = _Link.of(mlflow.get_tracking_uri())
+        self.offline = _Offline(run_id, self.link)
+        self.metrics = _MetricBuffer(run_id, self.link, self.offline)
         if MlflowTracker._warming is None:
             MlflowTracker._warming = threading.Thread(target=_warm_model_logging, name="warm-log-model",
                                                       daemon=True)
             MlflowTracker._warming.start()
 
-    def log_params(self, params: dict) -> None:
+    def _client(self):
         import mlflow
 
-        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        return mlflow.MlflowClient()
+
+    def _call(self, what: str, fn, fallback):
+        done, value = self.link.call(fn, what)
+        if done:
+            return value
+        fallback()
+        return None
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        params = {k: ("" if v is None else str(v)) for k, v in params.items()}
+        self._call("params", lambda: self._client().log_batch(
+            self.run_id, params=[Param(k, v) for k, v in params.items()], synchronous=True),
+            lambda: self.offline.add("params", params))
 
     def set_tags(self, tags: dict) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags(tags)
+        tags = {k: str(v) for k, v in tags.items()}
+        self._call("tags", lambda: self._client().log_batch(
+            self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True),
+            lambda: self.offline.add("tags", tags))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        import mlflow
+        self.metrics.add(metrics, step)  # returns at once; a daemon thread delivers
 
-        # Asynchronous: the epoch loop never waits on the tracking server.
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+    def backfill(self, history: list) -> None:
+        """Log the epochs of ``history`` (one metrics dict per epoch, as in a checkpoint)
+        whose metrics the run lacks."""
+        def logged_epochs():
+            return {m.step for m in self._client().get_metric_history(self.run_id, "train_loss")}
+
+        done, logged = self.link.call(logged_epochs, "the metric history")
+        for epoch, metrics in enumerate(history if done else []):
+            if epoch not in logged:
+                self.log_metrics(metrics, step=epoch)
+
+    def _log_file(self, artifact_path: str, write, upload) -> None:
+        def keep():
+            write(self.offline.path_for(artifact_path))
+            self.offline.add_file(artifact_path)
+
+        self._call(artifact_path, upload, keep)
 
     def log_dict(self, obj, path: str) -> None:
-        import mlflow
+        self._log_file(path, lambda target: target.write_text(json.dumps(obj, indent=2, default=str)),
+                       lambda: self._client().log_dict(self.run_id, obj, path))
 
-        mlflow.log_dict(obj, path)
+    def log_text(self, text: str, path: str) -> None:
+        self._log_file(path, lambda target: target.write_text(text),
+                       lambda: self._client().log_text(self.run_id, text, path))
 
     def log_figure(self, fig, path: str) -> None:
         import matplotlib.pyplot as plt
-        import mlflow
 
-        mlflow.log_figure(fig, path)
-        plt.close(fig)
+        try:
+            self._log_file(path, lambda target: fig.savefig(target),
+                           lambda: self._client().log_figure(self.run_id, fig, path))
+        finally:
+            plt.close(fig)
 
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        mlflow.log_artifact(str(local_path), artifact_path)
+        name = Path(local_path).name
+        self._log_file(f"{artifact_path}/{name}" if artifact_path else name,
+                       lambda target: shutil.copyfile(local_path, target),
+                       lambda: self._client().log_artifact(self.run_id, str(local_path), artifact_path))
 
     def log_model(self, model, example, *, registered_name: str | None, checkpoint: Path | None = None,
                   name: str = "model"):
         """Log ``model`` (an nn.Module, moved to CPU fp32) in MLflow's pickle-free pt2 format,
         with signature, input example and explicit requirements (inferring them costs ~30 s),
         plus the kd-mlflow checkpoint so the registered model can serve as a teacher.
-        Returns (model_uri, registered version or None)."""
+        Returns (model_uri, registered version or None); (None, None) when the server
+        never came back (the checkpoint and example then wait in the offline directory)."""
+        def keep():
+            import torch
+
+            entry = {"name": name, "registered_name": registered_name or None}
+            if checkpoint is not None:
+                shutil.copyfile(checkpoint, self.offline.path_for(f"_model/{name}/{Path(checkpoint).name}"))
+                entry["checkpoint"] = f"_model/{name}/{Path(checkpoint).name}"
+            torch.save(example.detach().cpu(), self.offline.path_for(f"_model/{name}/example.pt"))
+            entry["example"] = f"_model/{name}/example.pt"
+            self.offline.add("models", entry)
+
+        result = self._call(f"the model {name!r}", lambda: self._log_model(model, example, registered_name,
+                                                                          checkpoint, name), keep)
+        return result if result is not None else (None, None)
+
+    def _log_model(self, model, example, registered_name, checkpoint, name):
         import mlflow
         import torch
         from mlflow.models import infer_signature
@@ -151,15 +516,23 @@ class MlflowTracker:
             update_champion(mlflow.MlflowClient(), registered_name)
         return info.model_uri, (int(version) if version is not None else None)
 
-    def register(self, model_uri: str, name: str) -> int:
+    def register(self, model_uri: str | None, name: str) -> int | None:
         """Register an already logged model (e.g. the best child of a sweep) under ``name``."""
         import mlflow
 
         from .registry import update_champion
 
-        version = int(mlflow.register_model(model_uri, name).version)
-        update_champion(mlflow.MlflowClient(), name)
-        return version
+        def register():
+            version = int(mlflow.register_model(model_uri, name).version)
+            update_champion(mlflow.MlflowClient(), name)
+            return version
+
+        if model_uri is None:  # its run's model is itself waiting in an offline directory
+            _say(f"warning: not registering {name}: the model was never uploaded; register it after "
+                 f"`kd-mlflow sync` with `mlflow.register_model`")
+            return None
+        return self._call(f"the registration of {name}", register,
+                          lambda: self.offline.add("registrations", {"model_uri": model_uri, "name": name}))
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None):
@@ -169,13 +542,57 @@ class MlflowTracker:
         import mlflow
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        client = mlflow.MlflowClient()
-        experiment_id = client.get_run(self.run_id).info.experiment_id
-        created = client.create_run(experiment_id, run_name=name,
-                                    tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
+        def create():
+            client = mlflow.MlflowClient()
+            experiment_id = client.get_run(self.run_id).info.experiment_id
+            return client.create_run(experiment_id, run_name=name,
+                                     tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
+
+        done, created = self.link.call(create, f"the nested run {name!r}")
+        if not done:
+            raise RuntimeError(f"tracking server {self.link.shown} is unreachable: cannot open the nested run "
+                               f"{name!r}; restart this stage when it is back")
         run = mlflow.start_run(run_id=created.info.run_id, nested=True)
-        with _lifecycle(MlflowTracker(run.info.run_id)) as child:
-            yield child
+        child = MlflowTracker(run.info.run_id)
+        child.offline.record.update(experiment_name=self.offline.record["experiment_name"],
+                                    parent_run_id=self.run_id)
+        with _lifecycle(child) as tracker:
+            yield tracker
+
+    def close(self, status: str) -> Path | None:
+        """Deliver the buffered metrics and end the active run (this one) with ``status``;
+        if the server never came back, save the offline directory and return it."""
+        import mlflow
+
+        self.metrics.close()
+        done, _ = self.link.call(lambda: self._client().set_terminated(self.run_id, status), "the run status")
+        if done:
+            mlflow.end_run(status=status)
+        else:
+            self.offline.add("status", status)
+            with _no_http_retries():
+                with contextlib.suppress(Exception):
+                    mlflow.end_run(status=status)  # pops the local run stack; the server call fails fast
+        saved = self.offline.save()
+        if saved is not None:
+            _say(f"run {self.run_id}: what the tracking server missed is in {saved}; upload it with "
+                 f"`kd-mlflow sync {saved}` when the server is back")
+        return saved
+
+
+@contextlib.contextmanager
+def _no_http_retries():
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _select_experiment(experiment: str) -> None:
@@ -249,6 +666,7 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
     Ctrl-C marks it KILLED. No error path leaves a run RUNNING."""
     import mlflow
 
+    check_tracking_server()  # compare and benchmark come here without passing the runner's check
     _select_experiment(params.get("experiment", ""))
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     if run_id and launcher_run and launcher_run != run_id:
@@ -256,7 +674,10 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
         mlflow.MlflowClient().set_tag(launcher_run, "kd_mlflow.resumed_run_id", run_id)
     run_id = run_id or launcher_run
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-    with _lifecycle(MlflowTracker(run.info.run_id)) as tracker:
+    tracker = MlflowTracker(run.info.run_id)
+    with contextlib.suppress(Exception):
+        tracker.offline.record["experiment_name"] = mlflow.get_experiment(run.info.experiment_id).name
+    with _lifecycle(tracker) as tracker:
         if run_id:
             # `mlflow run` has already logged the entry point's parameters (as the user
             # typed them, e.g. lr=.1 or '' for empty); MLflow forbids changing a param,
@@ -271,10 +692,9 @@ def start_run(params: dict, tags: dict, run_name: str | None = None, run_id: str
 def _lifecycle(tracker: MlflowTracker):
     """End the active run (the one ``tracker`` logs to) with the status its body earned:
     FINISHED; KILLED on Ctrl-C/SIGTERM/sys.exit(!=0); FAILED on any other exception,
-    with the traceback logged as ``error/traceback.txt``. Never left RUNNING."""
+    with the traceback logged as ``error/traceback.txt``. Never left RUNNING (unless the
+    tracking server is gone; then the status waits in the offline directory)."""
     import traceback
-
-    import mlflow
 
     status = "FINISHED"
     try:
@@ -285,10 +705,7 @@ def _lifecycle(tracker: MlflowTracker):
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
         with contextlib.suppress(Exception):
-            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+            tracker.log_text(traceback.format_exc(), "error/traceback.txt")
         raise
     finally:
-        with contextlib.suppress(Exception):
-            mlflow.flush_async_logging()
-        mlflow.end_run(status=status)
-
+        tracker.close(status)

@@ -3,6 +3,11 @@ MLflow (it reports to a tracker with ``log_metrics``).
 
 Hot-loop rules: nothing forces a device sync per step. Loss terms and accuracy are
 accumulated on the device and read once per epoch; the progress bar counts batches.
+
+Data-parallel (torchrun, see distributed.py): each rank trains on its shard of every
+global batch through DistributedDataParallel; the epoch's sums are all-reduced in the
+same one read per epoch, so every rank sees the same metrics, the same best epoch and
+the same NaN verdict. Only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import atomic_save
 from .config import Config, ConfigError
 from .data import DataBundle, DeviceBatches
@@ -117,20 +123,20 @@ def build_scheduler(optimizer, cfg: Config, epochs: int):
 # ------------------------------------------------------------------ evaluation
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: DeviceBatches, amp_dtype=None) -> tuple[float, float]:
-    """-> (accuracy in %, mean cross-entropy) of ``model`` over ``batches``."""
+    """-> (accuracy in %, mean cross-entropy) of ``model`` over ``batches`` (over every
+    rank's shard of them when ``batches`` is sharded: the same numbers on every rank)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=batches.device)
-    loss = torch.zeros((), device=batches.device)
-    n = 0
+    totals = torch.zeros(3, device=batches.device)  # correct, summed loss, images (exact in fp32 < 2^24)
     with autocast(batches.device, amp_dtype):
         for x, y in batches:
             logits = model(x).float()
-            correct += (logits.argmax(1) == y).sum()
-            loss += F.cross_entropy(logits, y, reduction="sum")
-            n += len(y)
+            totals[0] += (logits.argmax(1) == y).sum()
+            totals[1] += F.cross_entropy(logits, y, reduction="sum")
+            totals[2] += len(y)
     model.train(was_training)
-    return 100.0 * correct.item() / max(n, 1), loss.item() / max(n, 1)
+    correct, loss, n = distributed.all_reduce_sum(totals).tolist()
+    return 100.0 * correct / max(n, 1), loss / max(n, 1)
 
 
 # ------------------------------------------------------------------ fitting
@@ -154,14 +160,19 @@ class Trainer:
         self.workdir = Path(workdir)
         self.epochs = epochs or cfg.epochs
         self.desc = progress_desc or cfg.mode
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        shard = {"rank": self.rank, "world_size": self.world_size}
         self.train_batches = DeviceBatches(data.train, data.info, cfg.batch_size, device=device,
-                                           shuffle=True, augment=True, seed=cfg.seed)
+                                           shuffle=True, augment=True, seed=cfg.seed, **shard)
         self.val_batches = DeviceBatches(data.val, data.info, max(cfg.batch_size, 256), device=device,
-                                         shuffle=False, augment=False)
+                                         shuffle=False, augment=False, **shard)
         if cfg.compile:
             # In place (nn.Module.compile) so state_dict keys stay those of the plain model.
             for module in (distiller.student, *distiller.teachers):
                 module.compile()
+        # The module a training step calls: the distiller, or DDP around it (state dicts
+        # are always taken from the distiller, so their keys never depend on world size).
+        self.step_module, self._global_bns = distributed.wrap(self.distiller, device)
         self.optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
         self.startup_seconds: float | None = None
         self.scheduler = build_scheduler(self.optimizer, cfg, self.epochs)
@@ -176,7 +187,19 @@ class Trainer:
         if resume_state is not None:
             best = self._restore(resume_state)
             first_epoch = resume_state["epoch"] + 1
-        interactive = sys.stderr.isatty()
+            # A process killed just after an epoch's checkpoint may not have delivered that
+            # epoch's metrics (they are sent in the background): fill the hole from the history.
+            self.tracker.backfill(best.history)
+        interactive = sys.stderr.isatty() and self.rank == 0
+        try:
+            self._fit_epochs(best, first_epoch, interactive)
+        finally:
+            distributed.revert_batchnorm(self._global_bns)  # the trained student is a plain network again
+        student.load_state_dict(best.best_student_state)
+        return best
+
+    def _fit_epochs(self, best: FitResult, first_epoch: int, interactive: bool) -> None:
+        student = self.distiller.student
         for epoch in range(first_epoch, self.epochs):
             start = time.perf_counter()
             terms, train_acc, train_seconds = self._train_epoch(epoch, interactive)
@@ -196,13 +219,12 @@ class Trainer:
             # Logged before the checkpoint: a crash in between re-runs this epoch on resume
             # (same numbers on CPU) rather than leaving a hole in the metric history.
             self.tracker.log_metrics(metrics, step=epoch)
-            self._checkpoint(epoch, best)
-            line = (f"[{self.desc}] epoch {epoch + 1}/{self.epochs} loss {metrics['train_loss']:.4f} "
-                    f"train_acc {train_acc:.2f} val_acc {val_acc:.2f} "
-                    f"({metrics['images_per_second']:.0f} img/s, {metrics['epoch_seconds']:.1f}s)")
-            tqdm.write(line, file=sys.stderr)
-        student.load_state_dict(best.best_student_state)
-        return best
+            if self.rank == 0:
+                self._checkpoint(epoch, best)
+                line = (f"[{self.desc}] epoch {epoch + 1}/{self.epochs} loss {metrics['train_loss']:.4f} "
+                        f"train_acc {train_acc:.2f} val_acc {val_acc:.2f} "
+                        f"({metrics['images_per_second']:.0f} img/s, {metrics['epoch_seconds']:.1f}s)")
+                tqdm.write(line, file=sys.stderr)
 
     def _train_epoch(self, epoch: int, interactive: bool):
         self.distiller.train()
@@ -211,13 +233,19 @@ class Trainer:
         names: list[str] = []
         correct = torch.zeros((), device=self.device)
         seen = 0
-        bar = tqdm(self.train_batches, desc=f"[{self.desc}] epoch {epoch + 1}/{self.epochs}",
+        batches = self.train_batches
+        bar = tqdm(batches, desc=f"[{self.desc}] epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not interactive, file=sys.stderr)
         start = time.perf_counter()
         for x, y in bar:
             with autocast(self.device, self.amp_dtype):
-                logits, losses = self.distiller(x, y)
+                logits, losses = self.step_module(x, y)
                 loss = sum(losses.values())
+            if len(y) * self.world_size != batches.global_size:
+                # Unequal shards (a last partial batch): DDP averages the ranks' gradients
+                # with equal weights, so each shard's mean is weighted by its share to give
+                # the gradient of the global batch's mean.
+                loss = loss * (len(y) * self.world_size / batches.global_size)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -230,16 +258,18 @@ class Trainer:
                 sums += values
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
-        totals = (sums / seen).tolist()  # the one sync of the epoch
+        # The one sync of the epoch (an all-reduce over the ranks when sharded).
+        totals = distributed.all_reduce_sum(torch.cat([sums, correct.view(1), sums.new_full((1,), seen)])).tolist()
         train_seconds = time.perf_counter() - start
-        terms = dict(zip(names, totals))
+        correct_all, seen_all = totals[-2], totals[-1]
+        terms = dict(zip(names, (v / seen_all for v in totals[:-2])))
         for name, value in terms.items():
             if not math.isfinite(value):
                 raise NonFiniteLoss(
                     f"loss term {name!r} became {value} in epoch {epoch + 1}; lower -P lr or check the inputs "
                     f"(the last good checkpoint is {self.workdir / 'last.pt'})"
                 )
-        return terms, 100.0 * correct.item() / seen, train_seconds
+        return terms, 100.0 * correct_all / seen_all, train_seconds
 
     def _restore(self, state: dict) -> FitResult:
         missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)

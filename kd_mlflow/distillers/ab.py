@@ -35,6 +35,8 @@ class ActivationBoundaries(Distiller):
     paired stages (weights 1/4, 1/2, 1 shallow to deep). Phase 2: Hinton KD
     {"ce", "kd"}; the connectors are then unused."""
 
+    leaves_parameters_unused = True  # phase 1 leaves the classifier out, phase 2 the connectors
+
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
         self.pairs, self.connectors, self.stage_weights = conv_bn_connectors(student, self.teacher)

@@ -13,6 +13,10 @@ class Distiller(nn.Module):
     eval mode (BN statistics untouched), and their forward runs without autograd.
     """
 
+    # True when some trainable parameters get no gradient in some steps (data-parallel
+    # training must then look for them every step; see distributed.wrap).
+    leaves_parameters_unused = False
+
     def __init__(self, student: nn.Module, teachers=(), cfg=None):
         super().__init__()
         self.student = student

@@ -87,7 +87,8 @@ class UDAKD(Distiller):
                 raise RuntimeError("UDAKD.adapt_data was not applied: the data has no unlabelled split")
             pool = data.train
         batches = DeviceBatches(pool, data.info, cfg.batch_size, device=trainer.device,
-                                shuffle=True, augment=True, seed=cfg.seed + 1)
+                                shuffle=True, augment=True, seed=cfg.seed + 1,
+                                rank=trainer.train_batches.rank, world_size=trainer.train_batches.world_size)
         if len(batches) == 0:
             raise ValueError(f"the unlabelled pool has {len(pool)} image(s); UDA needs at least 2")
         self._unlabeled = self._cycle(batches)

@@ -1,0 +1,176 @@
+"""``kd-mlflow sync DIR``: upload what a tracking server missed during an outage.
+
+A run whose server never came back leaves ``runs/<run_id>/offline/`` (see tracking.py):
+run.json (params, tags, artifacts, models, registrations, final status), metrics.jsonl
+and files/. Sync logs them into the same run when the server knows it, else into a new
+run of the same experiment (tagged ``kd_mlflow.synced_from``). Each finished step is
+recorded in run.json, so an interrupted sync continues where it stopped and a second
+sync uploads nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .config import ConfigError
+
+STEPS = ("params", "tags", "metrics", "artifacts", "models", "registrations", "status")
+
+
+def find_offline_dirs(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory; pass an offline directory (runs/<run_id>/offline) "
+                          f"or a directory that contains some (e.g. runs)")
+    return sorted(p.parent for p in path.rglob("offline/run.json"))
+
+
+def _load(directory: Path) -> dict:
+    try:
+        record = json.loads((directory / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{directory / 'run.json'} is unreadable ({exc}); it was not written by kd-mlflow") from None
+    if record.get("format") != "kd-mlflow-offline/1":
+        raise ConfigError(f"{directory / 'run.json'} is not a kd-mlflow offline record")
+    return record
+
+
+def _target_run(client, record: dict, echo) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(record["run_id"]).info.run_id
+    except MlflowException:
+        pass
+    if record.get("target_run_id"):  # created by an earlier, interrupted sync
+        return record["target_run_id"]
+    name = record.get("experiment_name") or "kd-mlflow"
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(experiment_id, tags={"kd_mlflow.synced_from": record["run_id"]})
+    echo(f"  run {record['run_id']} is unknown to this server: logging into new run {run.info.run_id} "
+         f"of experiment {name!r}")
+    return run.info.run_id
+
+
+def _metrics(directory: Path):
+    from mlflow.entities import Metric
+
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
+
+
+def _log_model(run_id: str, directory: Path, entry: dict):
+    import mlflow
+    import torch
+
+    from .checkpoint import load_model_checkpoint
+    from .models import create_model
+    from .tracking import MlflowTracker
+
+    checkpoint = directory / "files" / entry["checkpoint"]
+    state, meta = load_model_checkpoint(checkpoint)
+    model = create_model(meta["arch"], meta["num_classes"], meta["in_channels"])
+    model.load_state_dict(state)
+    example = torch.load(directory / "files" / entry["example"], map_location="cpu", weights_only=True)
+    with mlflow.start_run(run_id=run_id):
+        tracker = MlflowTracker(run_id)
+        uri, version = tracker._log_model(model.eval(), example, entry.get("registered_name"), checkpoint,
+                                          entry.get("name", "model"))
+        tracker.metrics.close()
+    return uri, version
+
+
+def sync_dir(directory: Path, echo=print) -> str | None:
+    """Upload one offline directory; -> the run id it went to (None if already synced)."""
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    record = _load(directory)
+    done = record.setdefault("done", [])
+    if all(step in done for step in STEPS):
+        echo(f"{directory}: already synced to run {record.get('target_run_id', record['run_id'])}; nothing to do")
+        return None
+    client = mlflow.MlflowClient()
+    run_id = _target_run(client, record, echo)
+
+    def save() -> None:
+        atomic_write_text(json.dumps(record, indent=2, default=str), directory / "run.json")
+
+    def finish(step: str) -> None:
+        done.append(step)
+        save()
+
+    if record.get("target_run_id") != run_id:
+        record["target_run_id"] = run_id
+        save()
+    if "params" not in done:
+        logged = client.get_run(run_id).data.params
+        new = {k: v for k, v in record["params"].items() if k not in logged}
+        clash = {k: (logged[k], v) for k, v in record["params"].items() if k in logged and logged[k] != v}
+        if clash:
+            echo(f"  warning: params already logged with other values are kept: {clash}")
+        if new:
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in new.items()], synchronous=True)
+        finish("params")
+    if "tags" not in done:
+        if record["tags"]:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()], synchronous=True)
+        finish("tags")
+    if "metrics" not in done:
+        metrics = _metrics(directory)
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+        echo(f"  {len(metrics)} metric values")
+        finish("metrics")
+    if "artifacts" not in done:
+        for artifact in record["artifacts"]:
+            parent = str(Path(artifact).parent)
+            client.log_artifact(run_id, str(directory / "files" / artifact), None if parent == "." else parent)
+        echo(f"  {len(record['artifacts'])} artifacts")
+        finish("artifacts")
+    if "models" not in done:
+        for entry in record["models"]:
+            uri, version = _log_model(run_id, directory, entry)
+            echo(f"  model {uri}" + (f" registered as {entry['registered_name']} v{version}" if version else ""))
+        finish("models")
+    if "registrations" not in done:
+        from .registry import update_champion
+
+        for entry in record["registrations"]:
+            version = mlflow.register_model(entry["model_uri"], entry["name"]).version
+            update_champion(client, entry["name"])
+            echo(f"  registered {entry['model_uri']} as {entry['name']} v{version}")
+        finish("registrations")
+    if "status" not in done:
+        if record.get("status"):
+            client.set_terminated(run_id, record["status"])
+            echo(f"  status {record['status']}")
+        finish("status")
+    return run_id
+
+
+def sync(path: str | Path, echo=print) -> list[str]:
+    from .tracking import check_tracking_server, redact
+
+    import mlflow
+
+    directories = find_offline_dirs(path)
+    if not directories:
+        raise ConfigError(f"no offline run directories (offline/run.json) under {path}; nothing to sync")
+    check_tracking_server()
+    echo(f"syncing {len(directories)} offline run(s) to {redact(mlflow.get_tracking_uri())}")
+    synced = []
+    for directory in directories:
+        echo(f"{directory}:")
+        run_id = sync_dir(directory, echo)
+        if run_id:
+            synced.append(run_id)
+    return synced

@@ -1,0 +1,36 @@
+"""The metric buffer's bound and the URI redaction, without a server: the "server" is a
+closed 127.0.0.1 port, so every delivery fails with connection refused (real sockets)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import free_port
+
+from kd_mlflow import tracking
+
+
+def test_redact_hides_credentials_only():
+    assert tracking.redact("http://alice:s3cret@host:5000/x") == "http://alice:***@host:5000/x"
+    assert tracking.redact("postgresql://u:p%40ss@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert tracking.redact("https://token@host") == "https://***@host"
+    assert tracking.redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert tracking.redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_buffer_is_bounded_and_loses_nothing_when_the_server_never_answers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 10)
+    monkeypatch.setenv("KD_TRACKING_OUTAGE_WAIT", "0")
+    link = tracking._Link(f"http://127.0.0.1:{free_port()}")
+    offline = tracking._Offline("r" * 32, link)
+    buffer = tracking._MetricBuffer("r" * 32, link, offline)
+    for step in range(25):
+        buffer.add({"loss": step / 10}, step)
+    assert len(buffer.pending) == 10  # the 15 oldest went to disk, not away
+    lines = (offline.dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(15))
+    buffer.close()  # the server never answers: the rest follows, in order
+    rows = [json.loads(x) for x in (offline.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["step"], r["value"]) for r in rows] == [("loss", s, s / 10) for s in range(25)]
+    assert link.gave_up and offline.used
