@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TEACHER := pretrained/fashion_mnist-resnet20.pt
 RUN_EPOCHS ?= 3
 
-.PHONY: setup data run test test-fast mlproject ui clean
+.PHONY: setup data run test test-postgres test-fast mlproject ui server postgres clean
 
 $(BIN)/kd-mlflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,28 @@ run: setup data
 	$(BIN)/kd-mlflow train kd --teacher pretrained:fashion_mnist-resnet20 --epochs $(RUN_EPOCHS) \
 	  --experiment kd-mlflow-quickstart
 
+# `make test` = the whole suite, then a PostgreSQL pass: the e2e tests below again, against
+# an `mlflow server` whose backend is a fresh PostgreSQL database (created and dropped by
+# tests/conftest.py). It runs when KD_TEST_POSTGRES_URI names a role that may create
+# databases (`sudo make postgres` prints it; CI sets it). KD_REQUIRE_POSTGRES=1 (CI) makes
+# a missing or unreachable PostgreSQL a failure instead of a skip.
+PG_TESTS := tests/test_e2e_core.py::test_teacher_entry_point 'tests/test_e2e_core.py::test_mode_entry_point[kd-terms1]' \
+  tests/test_compare_registry.py::test_compare_statistics_exclusions_and_logged_artifacts \
+  tests/test_compare_registry.py::test_champion_alias_follows_test_acc_and_pull_reproduces_it
+
 test: setup data
 	$(BIN)/pytest -q
+	@$(MAKE) --no-print-directory test-postgres
+
+test-postgres: setup
+	@if [ -n "$$KD_TEST_POSTGRES_URI" ]; then \
+	  echo "PostgreSQL pass: kd e2e, compare and registry tests against mlflow server on a fresh PostgreSQL database"; \
+	  KD_TEST_BACKEND=postgres $(BIN)/pytest -q -rs $(PG_TESTS); \
+	elif [ "$$KD_REQUIRE_POSTGRES" = 1 ]; then \
+	  echo "error: KD_REQUIRE_POSTGRES=1 but KD_TEST_POSTGRES_URI is not set; run scripts/postgres-setup.sh --env"; exit 1; \
+	else \
+	  echo "PostgreSQL pass skipped: KD_TEST_POSTGRES_URI is not set (sudo make postgres prints it; see README, Tests)"; \
+	fi
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not e2e"
@@ -42,6 +62,21 @@ mlproject: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# A team tracking server: mlflow server on PostgreSQL with proxied artifacts (./mlartifacts),
+# on 127.0.0.1:5000 unless SERVER_ARGS says otherwise, e.g. SERVER_ARGS="--host 0.0.0.0".
+# The backend is $$KD_SERVER_BACKEND_STORE_URI, else postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow.
+SERVER_ARGS ?=
+server: setup
+	$(BIN)/kd-mlflow server $(SERVER_ARGS)
+
+# Debian: install and start PostgreSQL, create role and database kd_mlflow (needs root).
+postgres:
+	@if ! command -v pg_lsclusters >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql; \
+	  else echo "PostgreSQL is not installed: sudo apt-get install postgresql (or run sudo make postgres)"; exit 1; fi; \
+	fi
+	bash scripts/postgres-setup.sh
 
 clean:
 	rm -rf runs mlruns mlartifacts .pytest_cache

@@ -1,8 +1,14 @@
 """Shared fixtures: a real `mlflow server` subprocess and helpers to drive `mlflow run`.
 
 Nothing here is mocked: the server is MLflow's own, on a free 127.0.0.1 port, with a
-SQLite backend (or the URI in KD_TEST_BACKEND_STORE_URI, e.g. PostgreSQL) and a
-proxied artifact store in a temporary directory; the data is the real Fashion-MNIST.
+SQLite backend (or the URI in KD_TEST_BACKEND_STORE_URI, or with KD_TEST_BACKEND=postgres
+a fresh PostgreSQL database, see below) and a proxied artifact store in a temporary
+directory; the data is the real Fashion-MNIST.
+
+PostgreSQL: KD_TEST_POSTGRES_URI names a role that may CREATE DATABASE (`make postgres`
+prints it); each use creates a uniquely named database and drops it afterwards, so runs
+never collide. Without it, PostgreSQL tests skip with the reason; KD_REQUIRE_POSTGRES=1
+(CI) turns that skip into a failure.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +58,9 @@ def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_arg
     port = free_port()
     backend = backend_uri or f"sqlite:///{workdir}/mlflow.db"
     log = open(workdir / "server.log", "wb")
+    # MLflow's GenAI job runner (8 processes with its Huey consumers, ~1 GB) is of no use to these tests
+    # and slows every server start on 2 cores; kd-mlflow server turns it off the same way.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(os.environ if env is None else env)}
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend, "--artifacts-destination", str(workdir / "artifacts"),
@@ -65,6 +75,26 @@ def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_arg
     return proc, url
 
 
+def listening_sockets() -> list[tuple[str, int, str]]:
+    """(address, port, inode) of every LISTEN TCP socket, from /proc/net/tcp{,6} (Linux)."""
+    import ipaddress
+
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A":  # 0A = LISTEN
+                continue
+            address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) byte order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16), fields[9]))
+    return found
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     # `mlflow server` forwards SIGTERM to its workers, so its own pid is enough.
     if proc.poll() is None:
@@ -76,12 +106,66 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def postgres_problem() -> str | None:
+    """Why the tests cannot use PostgreSQL, or None when KD_TEST_POSTGRES_URI answers."""
+    uri = os.environ.get("KD_TEST_POSTGRES_URI", "")
+    if not uri:
+        return "KD_TEST_POSTGRES_URI is not set (see README, Tests)"
+    from kd_mlflow.server import ServerError, check_postgres
+
+    try:
+        check_postgres(uri)
+    except ServerError as exc:
+        return str(exc)
+    return None
+
+
+def require_postgres() -> str:
+    """KD_TEST_POSTGRES_URI, or skip (fail under KD_REQUIRE_POSTGRES=1) saying why not."""
+    problem = postgres_problem()
+    if problem:
+        if os.environ.get("KD_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"KD_REQUIRE_POSTGRES=1 but PostgreSQL is not usable: {problem}", pytrace=False)
+        pytest.skip(f"PostgreSQL not available: {problem}")
+    return os.environ["KD_TEST_POSTGRES_URI"]
+
+
+def _postgres_admin(uri: str, sql: str) -> None:
+    from kd_mlflow.server import connect_postgres
+
+    conn = connect_postgres(uri)
+    try:
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str = "kd_test"):
+    """A new, empty database next to KD_TEST_POSTGRES_URI's; yields its URI, drops it after."""
+    import urllib.parse
+
+    admin = require_postgres()
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _postgres_admin(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield urllib.parse.urlunsplit(urllib.parse.urlsplit(admin)._replace(path="/" + name))
+    finally:
+        _postgres_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mlflow-server")
-    proc, url = start_mlflow_server(workdir, os.environ.get("KD_TEST_BACKEND_STORE_URI"))
-    yield url
-    stop_server(proc)
+    with ExitStack() as stack:
+        backend = os.environ.get("KD_TEST_BACKEND_STORE_URI")
+        if not backend and os.environ.get("KD_TEST_BACKEND") == "postgres":
+            backend = stack.enter_context(fresh_postgres_database())
+        proc, url = start_mlflow_server(workdir, backend)
+        yield url
+        stop_server(proc)  # before the database is dropped
 
 
 @pytest.fixture()
