@@ -84,8 +84,6 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                   resume_state: dict | None = None) -> TrainResult:
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
-    from .plots import learning_curves
-
     seed_everything(cfg.seed)
     info = data.info
     student = create_model(cfg.network, info.num_classes, info.in_channels)
@@ -105,6 +103,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
         if teacher_meta and "test_acc" in teacher_meta:
             final["teacher_test_acc"] = float(teacher_meta["test_acc"])
         tracker.log_metrics(final)
+        from .plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
+
         tracker.log_figure(learning_curves(fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}"),
                            "figures/learning_curves.png")
         tracker.log_dict(cfg.params(), "config.json")

@@ -80,13 +80,15 @@ def pip_requirements() -> list[str]:
 def _warm_model_logging() -> None:
     """The one-off costs of the first log_model in a process, paid on a side thread
     while the epochs train (torch ops release the GIL) instead of at the end: the
-    imports behind torch.export (pt2 tracing pulls in torch._dynamo) and MLflow's map of
-    installed distributions (a scan of every installed file, which MLflow caches)."""
+    imports behind torch.export (pt2 tracing pulls in torch._dynamo), the plotting stack,
+    and MLflow's map of installed distributions (a scan of every installed file, which
+    MLflow caches)."""
     with contextlib.suppress(Exception):
         import importlib
 
         importlib.import_module("mlflow.pytorch")
         importlib.import_module("torch.export._trace")
+        importlib.import_module("kd_mlflow.plots")  # seaborn and scipy, for the end-of-run figures
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_modules_to_packages_map()
