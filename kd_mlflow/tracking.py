@@ -567,13 +567,20 @@ class MlflowTracker:
         import mlflow
 
         self.metrics.close()
-        done, _ = self.link.call(lambda: self._client().set_terminated(self.run_id, status), "the run status")
-        if done:
-            mlflow.end_run(status=status)
-        else:
+
+        def end():
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run(status=status)  # pops the local run stack, then tells the server
+            else:  # an earlier attempt popped it and then lost the server
+                self._client().set_terminated(self.run_id, status)
+
+        done, _ = self.link.call(end, "the run status")
+        if not done:
             self.offline.add("status", status)
-            with _no_http_retries():
-                with contextlib.suppress(Exception):
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                with _no_http_retries(), contextlib.suppress(Exception):
                     mlflow.end_run(status=status)  # pops the local run stack; the server call fails fast
         saved = self.offline.save()
         if saved is not None:
