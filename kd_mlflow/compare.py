@@ -214,6 +214,19 @@ def _seed(run) -> int | None:
         return None
 
 
+def _keep_majority(runs: list, names, key, what: str, excluded: list) -> list:
+    """The runs whose ``key`` (values of ``names``) is the majority's, in order; each other
+    run goes to ``excluded`` with the differing values as its reason."""
+    reference = _majority([key(r) for r in runs])
+    kept = []
+    for r in runs:
+        if key(r) == reference:
+            kept.append(r)
+        else:
+            excluded.append(_row(r, reason=f"different {what}: " + _differences(names, key(r), reference)))
+    return kept
+
+
 def _majority(values: list[tuple]) -> tuple | None:
     """The most common value; ties go to the one seen first (the oldest run)."""
     if not values:
@@ -273,16 +286,9 @@ def select_runs(runs: list) -> tuple[list, list[dict], dict]:
     def common(r):
         return tuple(normalize_value(r.data.params.get(n)) for n in COMMON_SETTINGS)
 
-    reference = _majority([common(r) for r in candidates])
+    agreeing = _keep_majority(candidates, COMMON_SETTINGS, common, "settings", excluded)
     # Shown as the runs logged them (the comparison itself uses the normalised values).
-    example = next((r for r in candidates if common(r) == reference), None)
-    settings = {n: example.data.params.get(n, "") for n in COMMON_SETTINGS} if example is not None else {}
-    agreeing = []
-    for r in candidates:
-        if common(r) != reference:
-            excluded.append(_row(r, reason="different settings: " + _differences(COMMON_SETTINGS, common(r), reference)))
-        else:
-            agreeing.append(r)
+    settings = {n: agreeing[0].data.params.get(n, "") for n in COMMON_SETTINGS} if agreeing else {}
 
     # Within a mode, its own parameters (temperature, alpha, beta, ...) must agree too.
     by_mode: dict[tuple, list] = {}
@@ -295,12 +301,7 @@ def select_runs(runs: list) -> tuple[list, list[dict], dict]:
         def own(r, names=names):
             return tuple(normalize_value(r.data.params.get(n)) for n in names)
 
-        ref = _majority([own(r) for r in group])
-        for r in group:
-            if own(r) != ref:
-                excluded.append(_row(r, reason="different mode parameters: " + _differences(names, own(r), ref)))
-            else:
-                consistent.append(r)
+        consistent += _keep_majority(group, names, own, "mode parameters", excluded)
 
     # The same seed twice adds no information and would understate the spread: keep the newest.
     newest: dict[tuple, object] = {}
