@@ -54,10 +54,13 @@ def wait_for_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_args=(), env=None):
-    port = free_port()
+def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_args=(), env=None,
+                        port: int | None = None):
+    """-> (process, url). A given ``port`` restarts a stopped server where clients expect it;
+    the log is appended to, so a restart keeps the first life's lines."""
+    port = port or free_port()
     backend = backend_uri or f"sqlite:///{workdir}/mlflow.db"
-    log = open(workdir / "server.log", "wb")
+    log = open(workdir / "server.log", "ab")
     # MLflow's GenAI job runner (8 processes with its Huey consumers, ~1 GB) is of no use to these tests
     # and slows every server start on 2 cores; kd-mlflow server turns it off the same way.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(os.environ if env is None else env)}
@@ -189,7 +192,11 @@ def mlflow_run(entry: str, server: str, experiment: str, params: dict, check: bo
            "--experiment-name", experiment]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # The experiment is the one named above: an MLFLOW_EXPERIMENT_ID that an in-process test's
+    # mlflow.set_experiment left in os.environ would make `mlflow run` refuse both options.
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env = {**inherited, "MLFLOW_TRACKING_URI": server, "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

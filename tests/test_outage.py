@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, free_port, stop_server, wait_for_http
+from conftest import REPO, free_port, start_mlflow_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -35,24 +35,16 @@ ARGS = ["--train-subset", "400", "--val-size", "200", "--test-subset", "300", "-
 
 
 class Server:
-    """`mlflow server` on a fixed 127.0.0.1 port, so it can be stopped and restarted."""
+    """conftest's `mlflow server` on a fixed 127.0.0.1 port, so it can be stopped and restarted."""
 
     def __init__(self, workdir: Path, extra=(), env=None):
-        self.workdir, self.extra = workdir, list(extra)
-        # MLflow's GenAI job runner (8 extra processes) is of no use here, as in conftest.
-        self.env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(os.environ if env is None else env)}
+        self.workdir, self.extra, self.env = workdir, list(extra), env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self):
-        log = open(self.workdir / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.workdir}/mlflow.db",
-             "--artifacts-destination", str(self.workdir / "artifacts"), *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
-        wait_for_http(self.url + "/health", proc=self.proc)
+        self.proc, _ = start_mlflow_server(self.workdir, extra_args=self.extra, env=self.env, port=self.port)
         return self
 
     def stop(self):
