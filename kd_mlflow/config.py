@@ -66,7 +66,8 @@ class Config:
     data_dir: str = _f("", "Dataset directory (else $KD_DATA_DIR, the Debian package, then download).")
     resume: str = _f("", "Continue an interrupted run from its last epoch checkpoint: its MLflow run id, "
                          "or 'auto' (the latest unfinished run here with the same settings).")
-    compile: bool = _f(False, "torch.compile the student and teacher(s) (pays a one-off compile time).")
+    compile: bool = _f(False, "torch.compile the student and teacher(s), on CUDA with CUDA graphs "
+                              "(pays a one-off compile time).")
     nproc_per_node: int = _f(1, "Data-parallel processes on this machine (one per GPU; torchrun is started for "
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")

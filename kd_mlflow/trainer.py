@@ -104,11 +104,16 @@ def autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def build_optimizer(params, cfg: Config):
+def build_optimizer(params, cfg: Config, device: torch.device | None = None):
+    # On CUDA the fused kernels update every parameter in one or two launches instead of
+    # several per tensor group (per-step host overhead dominates small ResNets on a GPU).
+    # On CPU the default (for-each) implementation is kept: its numbers are the ones the
+    # bit-exact resume tests pin.
+    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_scheduler(optimizer, cfg: Config, epochs: int):
@@ -130,6 +135,8 @@ def evaluate(model: torch.nn.Module, batches: DeviceBatches, amp_dtype=None) -> 
     totals = torch.zeros(3, device=batches.device)  # correct, summed loss, images (exact in fp32 < 2^24)
     with autocast(batches.device, amp_dtype):
         for x, y in batches:
+            if batches.device.type == "cuda":  # (harmless without CUDA graphs)
+                torch.compiler.cudagraph_mark_step_begin()
             logits = model(x).float()
             totals[0] += (logits.argmax(1) == y).sum()
             totals[1] += F.cross_entropy(logits, y, reduction="sum")
@@ -166,14 +173,23 @@ class Trainer:
                                            shuffle=True, augment=True, seed=cfg.seed, **shard)
         self.val_batches = DeviceBatches(data.val, data.info, max(cfg.batch_size, 256), device=device,
                                          shuffle=False, augment=False, **shard)
+        self.cuda_graphs = bool(cfg.compile) and device.type == "cuda"
         if cfg.compile:
             # In place (nn.Module.compile) so state_dict keys stay those of the plain model.
+            # On CUDA with CUDA graphs (mode reduce-overhead): a small ResNet's step is
+            # bound by launching its hundreds of kernels one by one from Python, not by
+            # the GPU (bench/profile_step.py); a replayed graph launches them at once.
+            mode = "reduce-overhead" if self.cuda_graphs else None
             for module in (distiller.student, *distiller.teachers):
-                module.compile()
+                module.compile(mode=mode)
         # The module a training step calls: the distiller, or DDP around it (state dicts
         # are always taken from the distiller, so their keys never depend on world size).
         self.step_module, self._global_bns = distributed.wrap(self.distiller, device)
-        self.optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+        if device.type == "cuda":
+            # cuDNN picks the fastest convolution per shape once (every batch has the same
+            # shape here). GPU runs are reproducible to rounding, not bit for bit.
+            torch.backends.cudnn.benchmark = True
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), cfg, device)
         self.startup_seconds: float | None = None
         self.scheduler = build_scheduler(self.optimizer, cfg, self.epochs)
 
@@ -238,6 +254,8 @@ class Trainer:
                    leave=False, disable=not interactive, file=sys.stderr)
         start = time.perf_counter()
         for x, y in bar:
+            if self.cuda_graphs:  # a new training step: earlier steps' graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, self.amp_dtype):
                 logits, losses = self.step_module(x, y)
                 loss = sum(losses.values())
