@@ -2,7 +2,9 @@
 
     python bench/throughput.py                 # CPU, Fashion-MNIST, full table (minutes)
     python bench/throughput.py --quick         # tiny smoke run (what the test suite runs)
-    python bench/throughput.py --device cuda --cifar-shaped   # GPU: 3x32x32 inputs
+    python bench/throughput.py --device cuda --cifar-shaped   # GPU: 3x32x32 inputs, batch sweep
+    python bench/throughput.py --device cuda --cifar-shaped --compile --batch-sizes 1024
+    python bench/throughput.py --accuracy-epochs 5          # test_acc: fp32 against --precision
 
 It prints a table and writes JSON (``--json PATH``, default bench/results/<time>.json).
 
@@ -17,6 +19,15 @@ after a warm-up; the ratio (a)/(b) is printed per mode. Also measured: MLflow lo
 cost as a share of an epoch (tracker calls timed on the training thread, and the same
 epoch with the tracker on and off), ``log_model`` seconds, process start to first
 training step (from a real ``kd-mlflow train`` subprocess), and peak memory.
+
+GPU table (``--cifar-shaped``): random 3x32x32 uint8 images (throughput does not depend
+on the pixels), kd resnet56 -> resnet20 and resnet18 -> resnet8 at each of
+``--batch-sizes``; the reference loop (per-sample PIL crop/flip, 2 workers, pinned
+memory, fp32 teacher, a ``.item()`` per step) at ``--batch-size``.
+
+Accuracy (``--accuracy-epochs N``): kd resnet20 (the shipped pretrained teacher) ->
+resnet8 on all of Fashion-MNIST for N epochs, once in fp32 and once in the precision
+that ``--precision`` resolves to, same seed; prints both test accuracies.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kd_mlflow.config import Config  # noqa: E402
-from kd_mlflow.data import DATASETS, DataBundle, Split, load_data  # noqa: E402
+from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split, load_data  # noqa: E402
 from kd_mlflow.distillers.base import NoKD  # noqa: E402
 from kd_mlflow.distillers.kd import HintonKD, hinton_kd_loss  # noqa: E402
 from kd_mlflow.distillers.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss  # noqa: E402
@@ -58,13 +69,13 @@ GPU_PAIRS = {"kd resnet56->resnet20": ("resnet56", "resnet20"), "kd resnet18->re
 
 
 # ------------------------------------------------------------------ (b) reference
-def _torchvision_fashion_mnist(root: Path):
+def _torchvision_fashion_mnist(root: Path, data_dir: str = ""):
     """torchvision's FashionMNIST over the Debian package's files (no download)."""
     import torchvision
 
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    src = Path(os.environ.get("KD_DATA_DIR") or "/usr/share/datasets/fashion-mnist")
+    src = Path(data_dir or os.environ.get("KD_DATA_DIR") or "/usr/share/datasets/fashion-mnist")
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         if not (raw / name).exists():
@@ -79,18 +90,44 @@ def _torchvision_fashion_mnist(root: Path):
     return torchvision.datasets.FashionMNIST(str(root), train=True, transform=tf, download=False)
 
 
-def reference_epoch(mode: str, dataset, n_images: int, batch_size: int, workers: int) -> float:
+class PILImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 does per sample: uint8 array -> PIL image -> transforms."""
+
+    def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, info):
+        import torchvision.transforms as T
+
+        self.x = x_uint8.permute(0, 2, 3, 1).numpy()  # N, H, W, C
+        self.y = y.tolist()
+        self.tf = T.Compose([T.RandomCrop(x_uint8.shape[-1], padding=info.crop_padding)]
+                            + ([T.RandomHorizontalFlip()] if info.hflip else [])
+                            + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = self.x[i]
+        return self.tf(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)), self.y[i]
+
+
+def reference_epoch(mode: str, dataset, n_images: int, batch_size: int, workers: int, *, device=None,
+                    teacher_arch=None, student_arch=None, num_classes: int = 10, in_channels: int = 1) -> float:
     """One epoch of the plain loop over the first ``n_images``; -> images/s."""
-    _, teacher_arch, student_arch = MODES[mode]
+    _, t_arch, s_arch = MODES[mode]
+    teacher_arch, student_arch = teacher_arch or t_arch, student_arch or s_arch
+    device = torch.device(device or "cpu")
     torch.manual_seed(0)
-    student = create_model(student_arch, 10, 1)
-    teacher = create_model(teacher_arch, 10, 1).eval() if teacher_arch else None
+    student = create_model(student_arch, num_classes, in_channels).to(device)
+    teacher = create_model(teacher_arch, num_classes, in_channels).to(device).eval() if teacher_arch else None
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     subset = torch.utils.data.Subset(dataset, range(n_images))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, pin_memory=device.type == "cuda")
 
     def step(x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mode == "nokd":
             loss = F.cross_entropy(student(x), y)
         elif mode == "kd":
@@ -114,12 +151,19 @@ def reference_epoch(mode: str, dataset, n_images: int, batch_size: int, workers:
         step(x, y)
         if i == 2:
             break
+    _sync(device)
     start = time.perf_counter()
     seen = 0
     for x, y in loader:
         step(x, y)
         seen += len(y)
+    _sync(device)
     return seen / (time.perf_counter() - start)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------ (a) the package
@@ -207,7 +251,7 @@ def peak_memory_mib() -> dict:
 
 
 # ------------------------------------------------------------------ GPU / CIFAR-shaped
-def cifar_shaped(n: int, device) -> DataBundle:
+def cifar_shaped(n: int) -> DataBundle:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
@@ -215,52 +259,113 @@ def cifar_shaped(n: int, device) -> DataBundle:
     return DataBundle(DATASETS["cifar10"], Split(x, y), small, small)
 
 
+def cifar_shaped_table(args, cfg: Config, device, amp, n: int, result: dict, save) -> None:
+    data = cifar_shaped(n)
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [128, 512, 1024]
+    reference_data = PILImages(data.train.x[:args.reference_images], data.train.y[:args.reference_images],
+                               data.info)
+    for label, (t_arch, s_arch) in GPU_PAIRS.items():
+        if args.pairs and not any(p in label for p in args.pairs.split(",")):
+            continue
+        for bs in sizes:
+            cfg_c = cfg.replace(dataset="cifar10", batch_size=bs, compile=args.compile)
+            row = {"batch_size": bs, "compile": args.compile,
+                   "package": package_epochs("kd", data, cfg_c, device, amp, NullTracker(),
+                                             student_arch=s_arch, teacher_arch=t_arch)}
+            if bs == args.batch_size and not args.compile and not args.no_reference:
+                ref = reference_epoch("kd", reference_data, len(reference_data), bs, args.workers, device=device,
+                                      teacher_arch=t_arch, student_arch=s_arch, in_channels=3)
+                row.update(reference_images_per_second=ref, ratio=row["package"]["images_per_second"] / ref)
+            result["modes"][f"{label} b{bs}{' compile' if args.compile else ''}"] = row
+            save(result)
+
+
+# ------------------------------------------------------------------ accuracy: fp32 against reduced precision
+def accuracy_check(epochs: int, device, amp, data_dir: str = "") -> dict:
+    """kd resnet20 (pretrained) -> resnet8 on all of Fashion-MNIST for ``epochs`` epochs,
+    in fp32 and in ``amp``; -> test accuracies."""
+    from kd_mlflow.teachers import load_teacher, teacher_source
+    from kd_mlflow.trainer import evaluate, seed_everything
+
+    cfg = Config.for_mode("kd", epochs=epochs, data_dir=data_dir)
+    data = load_data(cfg)
+    test = DeviceBatches(data.test, data.info, 512, device=device, shuffle=False, augment=False)
+    out = {"schedule": f"kd resnet20 -> resnet8, Fashion-MNIST, {len(data.train.y)} train images, "
+                       f"{epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} {cfg.scheduler}"}
+    precisions = {"fp32": None} | ({"bf16": amp} if amp is not None else {})
+    for name, dtype in precisions.items():
+        seed_everything(cfg.seed)
+        teacher, _ = load_teacher(teacher_source(cfg), cfg)
+        student = create_model(cfg.student, data.info.num_classes, data.info.in_channels)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            Trainer(HintonKD(student, [teacher], cfg), data, cfg, device=device, amp_dtype=dtype,
+                    tracker=NullTracker(), workdir=Path(tmp), progress_desc=f"accuracy {name}").fit()
+            seconds = time.perf_counter() - start
+        acc, _ = evaluate(student, test, dtype)
+        out[name] = {"test_acc": acc, "train_seconds": seconds}
+    if "bf16" in out:
+        out["bf16_minus_fp32_points"] = out["bf16"]["test_acc"] - out["fp32"]["test_acc"]
+    return out
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--images", type=int, default=0, help="training images per epoch (default 12800; quick 512)")
+    ap.add_argument("--images", type=int, default=0,
+                    help="training images per epoch (default 12800, --cifar-shaped 51200; quick 512)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--cifar-shaped", action="store_true", help="GPU table: random 3x32x32 uint8 data")
+    ap.add_argument("--batch-sizes", default="", help="--cifar-shaped: comma-separated (default 128,512,1024)")
+    ap.add_argument("--pairs", default="", help="--cifar-shaped: only pairs whose label contains one of these")
+    ap.add_argument("--compile", action="store_true", help="--cifar-shaped: the package with compile=true")
+    ap.add_argument("--reference-images", type=int, default=12800, help="--cifar-shaped: reference loop epoch")
+    ap.add_argument("--no-reference", action="store_true", help="--cifar-shaped: skip the reference loop")
+    ap.add_argument("--accuracy-epochs", type=int, default=0,
+                    help="only the accuracy check: kd on all of Fashion-MNIST, fp32 against --precision")
+    ap.add_argument("--data-dir", default="", help="Fashion-MNIST directory (else $KD_DATA_DIR, the Debian package)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    n = args.images or (512 if args.quick else 12800)
+    n = args.images or (512 if args.quick else 51200 if args.cifar_shaped else 12800)
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
     cfg = Config.for_mode("kd", batch_size=args.batch_size, train_subset=n, val_size=256, test_subset=256,
-                          device=args.device, precision=args.precision)
+                          device=args.device, precision=args.precision, data_dir=args.data_dir)
     result = {"device": str(device), "precision": "bf16" if amp is not None else "fp32",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "images_per_epoch": n,
               "batch_size": args.batch_size, "cpu": _cpu_name(), "modes": {}}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
+    path = Path(args.json) if args.json else REPO / "bench" / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
 
-    if args.cifar_shaped:
-        data = cifar_shaped(n, device)
-        for label, (t_arch, s_arch) in GPU_PAIRS.items():
-            cfg_c = cfg.replace(dataset="cifar10")
-            result["modes"][label] = {"package": package_epochs("kd", data, cfg_c, device, amp, NullTracker(),
-                                                                student_arch=s_arch, teacher_arch=t_arch)}
+    def save(r: dict) -> None:  # after every row: a run cut short keeps what it measured
+        path.write_text(json.dumps(r, indent=2))
+
+    if args.accuracy_epochs:
+        result["accuracy"] = accuracy_check(args.accuracy_epochs, device, amp, args.data_dir)
+    elif args.cifar_shaped:
+        cifar_shaped_table(args, cfg, device, amp, n, result, save)
     else:
         data = load_data(cfg)
         with tempfile.TemporaryDirectory() as tmp:
-            dataset = _torchvision_fashion_mnist(Path(tmp))
+            dataset = _torchvision_fashion_mnist(Path(tmp), args.data_dir)
             for mode in MODES:
                 pkg = package_epochs(mode, data, cfg, device, amp, NullTracker())
-                ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers)
+                ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device)
                 result["modes"][mode] = {"package": pkg, "reference_images_per_second": ref,
                                          "ratio": pkg["images_per_second"] / ref}
+                save(result)
         with tempfile.TemporaryDirectory() as tmp:
             result["mlflow"] = mlflow_overheads(data, cfg, device, amp, Path(tmp))
             result["startup_seconds"] = startup_seconds(Path(tmp))
     result["memory"] = peak_memory_mib()
     _print_table(result)
-    path = Path(args.json) if args.json else REPO / "bench" / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    save(result)
     print(f"\nwrote {path}")
     return result
 
@@ -276,12 +381,13 @@ def _cpu_name() -> str:
 def _print_table(r: dict) -> None:
     print(f"\ndevice {r['device']} ({r.get('gpu', r['cpu'])}), precision {r['precision']}, torch {r['torch']}, "
           f"{r['threads']} threads, {r['images_per_epoch']} images/epoch, batch {r['batch_size']}")
-    print(f"{'mode':<24}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
+    if r["modes"]:
+        print(f"{'mode':<36}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
     for mode, m in r["modes"].items():
         ref = m.get("reference_images_per_second")
         ref_text = f"{ref:.0f}" if ref else "-"
         ratio_text = f"{m['ratio']:.2f}x" if ref else "-"
-        print(f"{mode:<24}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
+        print(f"{mode:<36}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
     if "mlflow" in r:
         ml = r["mlflow"]
         print(f"MLflow tracker calls: {ml['tracker_seconds_per_epoch'] * 1000:.1f} ms/epoch = "
@@ -290,6 +396,14 @@ def _print_table(r: dict) -> None:
         print(f"log_model: {ml['log_model_seconds']:.2f}s")
     if "startup_seconds" in r:
         print(f"process start -> first training step: {r['startup_seconds']:.2f}s")
+    if "accuracy" in r:
+        acc = r["accuracy"]
+        print(f"accuracy ({acc['schedule']}):")
+        for name in ("fp32", "bf16"):
+            if name in acc:
+                print(f"  {name}: test_acc {acc[name]['test_acc']:.2f}% ({acc[name]['train_seconds']:.1f}s)")
+        if "bf16_minus_fp32_points" in acc:
+            print(f"  bf16 - fp32: {acc['bf16_minus_fp32_points']:+.2f} points")
     mem = r["memory"]
     print("peak memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
 
