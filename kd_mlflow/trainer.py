@@ -133,9 +133,12 @@ def evaluate(model: torch.nn.Module, batches: DeviceBatches, amp_dtype=None) -> 
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, device=batches.device)  # correct, summed loss, images (exact in fp32 < 2^24)
+    # A model compiled with CUDA graphs (compile=true on CUDA) gets a new graph step per
+    # batch; for any other model this is skipped (it would import torch._inductor).
+    cuda_graphs = batches.device.type == "cuda" and getattr(model, "_compiled_call_impl", None) is not None
     with autocast(batches.device, amp_dtype):
         for x, y in batches:
-            if batches.device.type == "cuda":  # (harmless without CUDA graphs)
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = model(x).float()
             totals[0] += (logits.argmax(1) == y).sum()
