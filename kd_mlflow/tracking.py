@@ -363,6 +363,18 @@ class _MetricBuffer:
                 with self.cond:
                     self.cond.wait(timeout=2.0)
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every point added so far has been delivered; False if some are still
+        pending after ``timeout`` seconds (the server is away: they stay buffered)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+            return not self.pending
+
     def close(self) -> None:
         """Deliver what is left, waiting for an absent server (KD_TRACKING_OUTAGE_WAIT);
         what it never takes goes to the offline directory."""
@@ -500,6 +512,10 @@ class MlflowTracker:
 
         if MlflowTracker._warming is not None:
             MlflowTracker._warming.join()
+        if registered_name:
+            # The champion alias is chosen by the versions' test_acc: the metrics logged
+            # just before (test_acc among them) must be in the run when it is registered.
+            self.metrics.flush()
         model = model.eval()
         with torch.no_grad():
             output = model(example)
@@ -525,6 +541,7 @@ class MlflowTracker:
         from .registry import update_champion
 
         def register():
+            self.metrics.flush()  # as in _log_model: this run's test_acc first
             version = int(mlflow.register_model(model_uri, name).version)
             update_champion(mlflow.MlflowClient(), name)
             return version

@@ -34,3 +34,26 @@ def test_buffer_is_bounded_and_loses_nothing_when_the_server_never_answers(tmp_p
     rows = [json.loads(x) for x in (offline.dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["key"], r["step"], r["value"]) for r in rows] == [("loss", s, s / 10) for s in range(25)]
     assert link.gave_up and offline.used
+
+
+def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch):
+    """Registering a model picks the champion by test_acc, so the tracker flushes its
+    buffer first: after flush() the store must hold every point (a real SQLite store)."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/flush.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("flush")).info.run_id
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    link = tracking._Link(uri)
+    buffer = tracking._MetricBuffer(run_id, link, tracking._Offline(run_id, link))
+    for step in range(3000):  # three batches of 1000
+        buffer.add({"loss": step / 10}, step)
+    buffer.add({"test_acc": 91.5}, None)
+    assert buffer.flush(timeout=120)
+    assert not buffer.pending
+    assert len(client.get_metric_history(run_id, "loss")) == 3000
+    assert client.get_run(run_id).data.metrics["test_acc"] == 91.5
+    buffer.close()
