@@ -53,6 +53,15 @@ def version_test_acc(client, version, cache: dict | None = None) -> float | None
     return None if value is None or math.isnan(value) else float(value)
 
 
+def register_version(client, model_uri: str, name: str) -> int:
+    """Register a logged model under ``name`` and re-elect the champion; -> the new version."""
+    import mlflow
+
+    version = int(mlflow.register_model(model_uri, name).version)
+    update_champion(client, name)
+    return version
+
+
 def update_champion(client, name: str, alias: str = CHAMPION) -> int | None:
     """Point ``alias`` (default ``champion``) of registered model ``name`` at its version
     with the highest ``test_acc``; move it only when a strictly better version exists

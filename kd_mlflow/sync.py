@@ -142,11 +142,10 @@ def sync_dir(directory: Path, echo=print) -> str | None:
             echo(f"  model {uri}" + (f" registered as {entry['registered_name']} v{version}" if version else ""))
         finish("models")
     if "registrations" not in done:
-        from .registry import update_champion
+        from .registry import register_version
 
         for entry in record["registrations"]:
-            version = mlflow.register_model(entry["model_uri"], entry["name"]).version
-            update_champion(client, entry["name"])
+            version = register_version(client, entry["model_uri"], entry["name"])
             echo(f"  registered {entry['model_uri']} as {entry['name']} v{version}")
         finish("registrations")
     if "status" not in done:

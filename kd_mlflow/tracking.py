@@ -536,15 +536,11 @@ class MlflowTracker:
 
     def register(self, model_uri: str | None, name: str) -> int | None:
         """Register an already logged model (e.g. the best child of a sweep) under ``name``."""
-        import mlflow
-
-        from .registry import update_champion
+        from .registry import register_version
 
         def register():
             self.metrics.flush()  # as in _log_model: this run's test_acc first
-            version = int(mlflow.register_model(model_uri, name).version)
-            update_champion(mlflow.MlflowClient(), name)
-            return version
+            return register_version(None, model_uri, name)
 
         if model_uri is None:  # its run's model is itself waiting in an offline directory
             _say(f"warning: not registering {name}: the model was never uploaded; register it after "
