@@ -19,14 +19,14 @@ import contextlib
 from dataclasses import dataclass, field
 
 from .config import Config, ConfigError
-from .modes import DISTILLATION_MODES, MODES
+from .modes import DISTILLATION_MODES, EXECUTION, MODES
 
 # Config fields a benchmark takes (everything else: each mode's own defaults).
 BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "epochs", "batch_size", "lr",
                     "train_subset", "val_size", "test_subset", "device", "precision", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
-RESUME_IGNORES = {"experiment", "registered_model", "device", "precision", "compile", "nproc_per_node", "data_dir"}
+RESUME_IGNORES = set(EXECUTION)
 
 
 @dataclass

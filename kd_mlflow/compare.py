@@ -34,14 +34,13 @@ from pathlib import Path
 import pandas as pd
 
 from .config import ConfigError
-from .modes import DISTILLATION_MODES, OPTIM
+from .modes import DISTILLATION_MODES, EXECUTION, OPTIM
 
 # Settings every mode has and that must agree for numbers to be comparable across
 # modes (seed varies by design; mode-specific parameters are checked per mode).
 COMMON_SETTINGS = ("dataset", "student", "train_subset", "val_size", "test_subset", *OPTIM)
 # Where and how a run ran, not what it computed; never a reason to exclude a run.
-NOT_SETTINGS = {"mode", "seed", "experiment", "registered_model", "device", "precision", "compile", "nproc_per_node",
-                "data_dir", "teacher", "teacher_checkpoint", "compared_experiment"}
+NOT_SETTINGS = {*EXECUTION, "mode", "seed", "teacher", "teacher_checkpoint", "compared_experiment"}
 BOOKKEEPING_MODES = {"compare", "benchmark"}
 CONFIDENCE = 0.95
 
