@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .config import Config, ConfigError
+from .config import BACKEND_ENV, DEFAULT_ARTIFACTS, DEFAULT_BACKEND_STORE_URI, Config, ConfigError
 from .modes import DISTILLATION_MODES, MODES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": click.BOOL}
@@ -68,9 +68,9 @@ def _cli_args(cfg: Config) -> list[str]:
 
 
 def run_config(cfg: Config) -> None:
-    if cfg.nproc_per_node > 1 and not ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        from .distributed import launch
+    from .distributed import launch, launched_by_torchrun
 
+    if cfg.nproc_per_node > 1 and not launched_by_torchrun():
         sys.exit(launch(cfg.nproc_per_node, _cli_args(cfg)))
     from .runner import Terminated, run
     from .trainer import NonFiniteLoss
@@ -321,11 +321,10 @@ def models_champion_command(name: str) -> None:
 
 # ------------------------------------------------------------ team tracking server
 @main.command(name="server", context_settings={"ignore_unknown_options": True})
-@click.option("--backend-store-uri", envvar="KD_SERVER_BACKEND_STORE_URI",
-              default="postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow", show_default=True,
-              help="Backend store (SQLAlchemy URI); default from $KD_SERVER_BACKEND_STORE_URI. A password is read "
+@click.option("--backend-store-uri", envvar=BACKEND_ENV, default=DEFAULT_BACKEND_STORE_URI, show_default=True,
+              help=f"Backend store (SQLAlchemy URI); default from ${BACKEND_ENV}. A password is read "
                    "from ~/.pgpass or PGPASSWORD when the URI has none.")
-@click.option("--artifacts-destination", default="./mlartifacts", show_default=True,
+@click.option("--artifacts-destination", default=DEFAULT_ARTIFACTS, show_default=True,
               help="Where the server stores artifacts it proxies: a directory, or s3://bucket/path (needs boto3).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind. Loopback unless you pass another one explicitly (0.0.0.0 = every "

@@ -106,11 +106,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def broadcast_object(obj=None):
     """Rank 0's ``obj`` on every rank."""
     if world_size() == 1:
@@ -305,6 +300,11 @@ def _loopback_interface() -> str | None:
     return None
 
 
+def _shell_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: killed by signal N -> 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
 def launch(nproc: int, args: list[str]) -> int:
     """Run ``kd-mlflow ARGS`` as ``nproc`` processes of this node and wait. -> the exit
     code of the first rank that failed (2 for a bad input, 143 after SIGTERM, ...; 0
@@ -357,7 +357,7 @@ def launch(nproc: int, args: list[str]) -> int:
             for r, p in enumerate(procs):
                 code = p.poll()
                 if code not in (None, 0) and first_failure is None:
-                    first_failure = (r, code if code >= 0 else 128 - code)
+                    first_failure = (r, _shell_code(code))
                     stop_at = time.monotonic() + 30  # the others see the broken group and stop
             if stop_at is not None and time.monotonic() > stop_at:
                 forward(signal.SIGTERM, None)
@@ -365,7 +365,7 @@ def launch(nproc: int, args: list[str]) -> int:
             time.sleep(0.2)
         for r, p in enumerate(procs):
             if p.returncode != 0 and first_failure is None:
-                first_failure = (r, p.returncode if p.returncode >= 0 else 128 - p.returncode)
+                first_failure = (r, _shell_code(p.returncode))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
