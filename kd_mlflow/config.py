@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# `kd-mlflow server` defaults: here, so that the CLI reads them without importing server.py.
+DEFAULT_BACKEND_STORE_URI = "postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow"
+BACKEND_ENV = "KD_SERVER_BACKEND_STORE_URI"
+DEFAULT_ARTIFACTS = "./mlartifacts"
+
+
 class ConfigError(ValueError):
     """Bad user input. The message names the problem and the fix, on one line."""
 

@@ -23,12 +23,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .config import unwritable_reason  # these two import only the standard library, like this module
+# These two import only the standard library, like this module.
+from .config import BACKEND_ENV, unwritable_reason
 from .tracking import redact
 
-DEFAULT_BACKEND_STORE_URI = "postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow"
-BACKEND_ENV = "KD_SERVER_BACKEND_STORE_URI"
-DEFAULT_ARTIFACTS = "./mlartifacts"
 CONNECT_TIMEOUT_S = 10
 SETUP_HINT = "`sudo make postgres` creates the role and database on Debian (see README, Team tracking server)"
 
@@ -179,19 +177,17 @@ def resolve_artifacts(destination: str) -> str:
     return str(path)
 
 
+def _http_url(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"  # IPv6 literals in brackets
+
+
 def public_url(host: str, port: int) -> str:
     """The URL clients use: loopback stays 127.0.0.1, a wildcard bind names this machine."""
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return _http_url(socket.getfqdn() if host in ("0.0.0.0", "::", "") else host, port)
 
 
 def _local_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return _http_url({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port)
 
 
 def is_loopback(host: str) -> bool:

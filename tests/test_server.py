@@ -108,7 +108,8 @@ def test_invalid_or_missing_port_value(args, needle):
 
 
 def test_missing_driver_names_the_extra(monkeypatch, tmp_path):
-    from kd_mlflow.server import DEFAULT_BACKEND_STORE_URI, postgres_driver
+    from kd_mlflow.config import DEFAULT_BACKEND_STORE_URI
+    from kd_mlflow.server import postgres_driver
 
     driver = postgres_driver(DEFAULT_BACKEND_STORE_URI)  # psycopg with SQLAlchemy 2.1+, else psycopg2
     monkeypatch.setitem(sys.modules, driver, None)  # as if not installed: the import fails
