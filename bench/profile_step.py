@@ -20,21 +20,18 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from kd_mlflow.config import Config  # noqa: E402
-from kd_mlflow.data import DATASETS, DataBundle, Split  # noqa: E402
 from kd_mlflow.distillers.kd import HintonKD  # noqa: E402
 from kd_mlflow.models import create_model  # noqa: E402
 from kd_mlflow.tracking import NullTracker  # noqa: E402
 from kd_mlflow.trainer import Trainer, resolve_device, resolve_precision  # noqa: E402
+from throughput import cifar_shaped, synchronize  # noqa: E402
 
 
 def make_trainer(args, bs, n, device, amp, tmp):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    data = DataBundle(DATASETS["cifar10"], Split(x, y), Split(x[:256], y[:256]), Split(x[:256], y[:256]))
+    data = cifar_shaped(n)
     cfg = Config.for_mode("kd", dataset="cifar10", batch_size=bs, epochs=1, compile=args.compile)
     torch.manual_seed(0)
     student = create_model(args.student, 10, 3)
@@ -46,11 +43,6 @@ def make_trainer(args, bs, n, device, amp, tmp):
 def timed_epoch(trainer) -> float:
     _, _, seconds = trainer._train_epoch(0, False)
     return trainer.train_batches.num_images / seconds
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main():
@@ -79,11 +71,11 @@ def main():
             no_aug = timed_epoch(tr)
             tr.train_batches.augment = True
             steps = len(tr.train_batches)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in tr.train_batches:  # the data path alone
                 pass
-            _sync(device)
+            synchronize(device)
             data_ms = 1000 * (time.perf_counter() - start) / steps
             with torch.profiler.profile(activities=activities) as prof:
                 start = time.perf_counter()

@@ -152,17 +152,17 @@ def reference_epoch(mode: str, dataset, n_images: int, batch_size: int, workers:
         step(x, y)
         if i == 2:
             break
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     seen = 0
     for x, y in loader:
         step(x, y)
         seen += len(y)
-    _sync(device)
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
