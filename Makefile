@@ -36,7 +36,7 @@ run: setup data
 # tests/conftest.py). It runs when KD_TEST_POSTGRES_URI names a role that may create
 # databases (`sudo make postgres` prints it; CI sets it). KD_REQUIRE_POSTGRES=1 (CI) makes
 # a missing or unreachable PostgreSQL a failure instead of a skip.
-PG_TESTS := tests/test_e2e_core.py::test_teacher_entry_point 'tests/test_e2e_core.py::test_mode_entry_point[kd-terms1]' \
+PG_TESTS := tests/test_e2e_core.py::test_teacher_entry_point 'tests/test_e2e_core.py::test_mode_entry_point[kd-fp32]' \
   tests/test_compare_registry.py::test_compare_statistics_exclusions_and_logged_artifacts \
   tests/test_compare_registry.py::test_champion_alias_follows_test_acc_and_pull_reproduces_it
 

@@ -33,7 +33,7 @@ from . import pretrained
 from .pretrained import is_inside_pretrained
 from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
 from .tracking import NullTracker
-from .trainer import Trainer, evaluate, resolve_device, resolve_precision, seed_everything
+from .trainer import Trainer, count_correct, evaluate, resolve_device, resolve_precision, seed_everything
 
 RUNS_DIR = Path("runs")
 
@@ -56,6 +56,9 @@ class TrainResult:
     history: list
     model_uri: str | None = None
     model: object = None  # the selected student, on CPU
+    test_acc_last: float | None = None  # the last epoch's student, fp32 like test_acc
+    test_correct: int | None = None  # test_acc as a count of test_images
+    test_images: int | None = None
 
 
 def runtime_for(cfg: Config) -> Runtime:
@@ -92,14 +95,30 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
     fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
                   workdir=workdir, progress_desc=desc or cfg.mode).fit(resume_state)
-    test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False,
-                                 rank=distributed.rank(), world_size=distributed.world_size())
-    test_acc, _ = evaluate(student, test_batches, rt.amp_dtype)
+    final = {}
+    if rt.amp_dtype is not None:
+        # The autocast student's score, kept under its own name: it is not the number of
+        # the fp32 model that is exported and registered.
+        test_batches = DeviceBatches(data.test, info, 512, device=rt.device, shuffle=False, augment=False,
+                                     rank=distributed.rank(), world_size=distributed.world_size())
+        final["test_acc_bf16"], _ = evaluate(student, test_batches, rt.amp_dtype)
     student_cpu = student.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
+    # test_acc is measured on the model exactly as it is exported: fp32, eval mode,
+    # contiguous layout, on CPU, so a user who loads the registered model gets the same
+    # count of correct images (every rank computes it whole: no collective needed).
+    cpu_test = DeviceBatches(data.test, info, 500, device="cpu", shuffle=False, augment=False,
+                             channels_last=False)
+    correct, n = count_correct(student_cpu, cpu_test)
+    last = create_model(cfg.network, info.num_classes, info.in_channels)
+    last.load_state_dict(fit.last_student_state)
+    correct_last, _ = count_correct(last.float().eval(), cpu_test)
+    test_acc = 100.0 * correct / n
+    final.update({"test_acc": test_acc, "test_correct": correct, "test_images": n,
+                  "test_acc_last": 100.0 * correct_last / n, "test_correct_last": correct_last})
     checkpoint = workdir / "model.pt"
     model_uri, version = None, None
     if distributed.is_main():  # the other ranks have computed the same numbers; rank 0 records them
-        final = {"test_acc": test_acc, "best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch}
+        final.update({"best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch})
         if teacher_meta and "test_acc" in teacher_meta:
             final["teacher_test_acc"] = float(teacher_meta["test_acc"])
         tracker.log_metrics(final)
@@ -117,7 +136,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                                                checkpoint=checkpoint)
     return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
                        cfg.model_name if version is not None else None, version, checkpoint, fit.history,
-                       model_uri, student_cpu)
+                       model_uri, student_cpu, final["test_acc_last"], correct, n)
 
 
 class Terminated(KeyboardInterrupt):

@@ -56,13 +56,16 @@ def _frozen(model):
 
 def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResult:
     """Log the selected student's numbers on the parent, register it, and describe it."""
-    tracker.log_metrics({"test_acc": best.test_acc, "best_val_acc": best.best_val_acc,
+    selected = {"test_acc": best.test_acc, "test_acc_last": best.test_acc_last, "test_correct": best.test_correct,
+                "test_images": best.test_images}
+    tracker.log_metrics({**{k: v for k, v in selected.items() if v is not None}, "best_val_acc": best.best_val_acc,
                          "best_epoch": best.best_epoch, **summary})
     tracker.set_tags({"selected_run_id": best.run_id or ""})
     version = tracker.register(best.model_uri, cfg.model_name) if best.model_uri else None
     return TrainResult(tracker.run_id, best.test_acc, best.best_val_acc, best.best_epoch,
                        cfg.model_name if version is not None else None, version, best.checkpoint,
-                       best.history, best.model_uri, best.model)
+                       best.history, best.model_uri, best.model, best.test_acc_last, best.test_correct,
+                       best.test_images)
 
 
 def _best(results: list[TrainResult]) -> int:
