@@ -116,12 +116,12 @@ def ref_pkd(vs, vt):
     total = 0.0
     for a, b in zip(vs.tolist(), vt.tolist()):
         na, nb = math.hypot(*a), math.hypot(*b)
-        total += sum((x / na - y / nb) ** 2 for x, y in zip(a, b))
+        total += sum((x / na - y / nb) ** 2 for x, y in zip(a, b)) / len(a)  # MSE: mean over features
     return total / len(vs)
 
 
 def ref_sfd(vs, vt):
-    return sum(math.dist(a, b) for a, b in zip(vs.tolist(), vt.tolist())) / len(vs)
+    return sum(math.dist(a, b) / math.hypot(*b) for a, b in zip(vs.tolist(), vt.tolist())) / len(vs)
 
 
 def ref_kd(s_logits, t_logits, y, T, a):
@@ -241,16 +241,20 @@ def test_rkd_teacher_side_has_no_grad_and_duplicates_stay_finite():
 
 # ------------------------------------------------------------------ PKD / SFD
 def test_pkd_stage_loss_hand_worked():
-    # (3,4)/5 - (1,0) = (-.4, .8) -> .8 ; (1,0) - (0,1) -> 2 ; mean 1.4
-    assert close(pkd_stage_loss(t([[3.0, 4.0], [1.0, 0.0]]), t([[1.0, 0.0], [0.0, 2.0]])), 1.4)
+    # (3,4)/5 - (1,0) = (-.4, .8) -> (.16 + .64)/2 = .4 ; (1,0) - (0,1) -> (1 + 1)/2 = 1 ; mean .7
+    assert close(pkd_stage_loss(t([[3.0, 4.0], [1.0, 0.0]]), t([[1.0, 0.0], [0.0, 2.0]])), 0.7)
     g = torch.Generator().manual_seed(4)
     vs, vt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     assert close(pkd_stage_loss(vs, vt), ref_pkd(vs, vt))
 
 
 def test_sfd_stage_loss_hand_worked():
-    # ||(3,4)|| = 5 and 0, mean 2.5 (not squared)
-    assert close(sfd_stage_loss(t([[3.0, 4.0], [1.0, 1.0]]), t([[0.0, 0.0], [1.0, 1.0]])), 2.5)
+    # ||(3,4) - (0,5)|| / ||(0,5)|| = sqrt(10)/5 ; ||(2,2) - (1,1)|| / ||(1,1)|| = 1 ; mean (sqrt(10)/5 + 1)/2
+    assert close(sfd_stage_loss(t([[3.0, 4.0], [2.0, 2.0]]), t([[0.0, 5.0], [1.0, 1.0]])), (math.sqrt(10) / 5 + 1) / 2)
+    # a zero student vector is exactly one teacher norm away, at any width and magnitude
+    for width, scale in ((16, 1.0), (512, 300.0)):
+        vt = torch.rand(3, width, generator=torch.Generator().manual_seed(width)) * scale
+        assert close(sfd_stage_loss(torch.zeros(3, width), vt), 1.0)
     g = torch.Generator().manual_seed(5)
     vs, vt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     assert close(sfd_stage_loss(vs, vt), ref_sfd(vs, vt))

@@ -1,6 +1,10 @@
 """Patient Knowledge Distillation (Sun et al., 2019), for CNNs: Hinton KD plus, at every
-paired stage, the squared distance between the L2-normalised, globally average-pooled
-student and teacher features."""
+paired stage, the mean squared error between the L2-normalised, globally average-pooled
+student and teacher features.
+
+Scale: the authors' code takes an MSE *mean* over the batch and the feature dimension,
+and beta's published range (10-1000) was tuned on that scale. A sum over channels would
+make the term C (16-512) times larger and swamp cross-entropy at any published beta."""
 
 from __future__ import annotations
 
@@ -14,10 +18,10 @@ from .kd import hinton_terms
 
 
 def pkd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of || fs/||fs|| - ft/||ft|| ||^2 for [B, C] vectors (same C)."""
+    """mean over the batch and the C features of (fs/||fs|| - ft/||ft||)^2 for [B, C] vectors."""
     s = F.normalize(fs.float(), p=2, dim=1)
     t = F.normalize(ft.float(), p=2, dim=1)
-    return (s - t).pow(2).sum(1).mean()
+    return (s - t).pow(2).mean()
 
 
 class PatientKD(Distiller):
