@@ -9,7 +9,12 @@ workers that dominate small-model training on a 2-core CPU.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import shutil
+import sys
+import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +120,144 @@ def _download(fetch, root: Path, name: str, fix: str):
         ) from exc
 
 
+# CIFAR from the authors' binary distribution: fixed-size records (label byte(s), then the
+# 3072 pixel bytes of one 32x32 image as R, G and B planes), read with numpy. The python
+# distribution is a pickle, and unpickling a downloaded file can run any code.
+@dataclass(frozen=True)
+class CifarLayout:
+    url: str
+    md5: str  # of the archive, as published on https://www.cs.toronto.edu/~kriz/cifar.html
+    folder: str  # what the archive extracts to; data_dir holds it
+    train_files: tuple
+    test_file: str
+    names_file: str
+    labels: tuple  # (name, number of values) of each label byte leading a record; the last is the class
+
+    @property
+    def record_bytes(self) -> int:
+        return len(self.labels) + 3 * 32 * 32
+
+    def files(self) -> tuple:
+        return (*self.train_files, self.test_file, self.names_file)
+
+
+CIFAR_LAYOUTS = {
+    "cifar10": CifarLayout(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
+        "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin",
+        "batches.meta.txt", (("label", 10),)),
+    "cifar100": CifarLayout(
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8",
+        "cifar-100-binary", ("train.bin",), "test.bin", "fine_label_names.txt",
+        (("coarse label", 20), ("fine label", 100))),
+}
+
+
+def _cifar_folder(layout: CifarLayout, directory: Path) -> Path | None:
+    """The folder under ``directory`` (or ``directory`` itself) holding every data file."""
+    for candidate in (directory / layout.folder, directory):
+        if all((candidate / f).is_file() for f in (*layout.train_files, layout.test_file)):
+            return candidate
+    return None
+
+
+def read_cifar_records(path: Path, layout: CifarLayout):
+    """-> (images uint8 N x 3 x 32 x 32, class labels int64 N) of one binary CIFAR file."""
+    size = path.stat().st_size
+    if size == 0 or size % layout.record_bytes:
+        raise ConfigError(
+            f"{path} is truncated or not a CIFAR file: {size} bytes is not a whole number of "
+            f"{layout.record_bytes}-byte records; delete it and extract or download it again")
+    records = np.fromfile(path, dtype=np.uint8).reshape(-1, layout.record_bytes)
+    for column, (label, count) in enumerate(layout.labels):
+        bad = np.flatnonzero(records[:, column] >= count)
+        if bad.size:
+            raise ConfigError(
+                f"{path} is not a CIFAR file: record {bad[0]} has {label} {records[bad[0], column]}, "
+                f"outside 0..{count - 1}; delete it and extract or download it again")
+    images = np.ascontiguousarray(records[:, len(layout.labels):]).reshape(-1, 3, 32, 32)
+    return images, records[:, len(layout.labels) - 1].astype(np.int64)
+
+
+def _read_cifar(layout: CifarLayout, folder: Path):
+    parts = [read_cifar_records(folder / f, layout) for f in layout.train_files]
+    # The training batches are equal parts of one split: a file cut at a record boundary
+    # still shows as a count that differs from the first's.
+    first = len(parts[0][1])
+    for name, (_, labels) in zip(layout.train_files, parts):
+        if len(labels) != first:
+            raise ConfigError(
+                f"{folder / name} is truncated: {len(labels)} records where {layout.train_files[0]} has "
+                f"{first}; delete it and extract or download it again")
+    test_x, test_y = read_cifar_records(folder / layout.test_file, layout)
+    return (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]), test_x, test_y)
+
+
+def cifar_class_names(name: str, data_dir: str = "") -> list:
+    """The class names shipped with the dataset (``batches.meta.txt``, ``fine_label_names.txt``)."""
+    layout = CIFAR_LAYOUTS[name]
+    folder = _cifar_folder(layout, Path(data_dir) if data_dir else DEFAULT_CACHE)
+    path = folder / layout.names_file if folder else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"no {layout.names_file} for {name} in {data_dir or DEFAULT_CACHE}")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != DATASETS[name].num_classes:
+        raise ConfigError(f"{path} names {len(names)} classes, {name} has {DATASETS[name].num_classes}")
+    return names
+
+
+def _fetch_url(url: str, target: Path) -> str:
+    """Saves ``url`` as ``target`` -> the md5 of what was saved."""
+    digest = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        # said once connected: without a network the error stays the only line
+        print(f"downloading {url} to {target.parent}", file=sys.stderr)
+        while block := response.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+def _extract_cifar(layout: CifarLayout, archive: Path, root: Path) -> None:
+    """Writes only the layout's files, each from a regular-file member at its known path:
+    no member name ever becomes a path here, so nothing lands outside ``root``."""
+    folder = root / layout.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isreg()}
+        for name in layout.files():
+            member = members.get(f"{layout.folder}/{name}")
+            if member is None:
+                raise ConfigError(f"{archive} has no file {layout.folder}/{name}; it is not the official archive")
+            partial = folder / (name + ".partial")
+            with tar.extractfile(member) as source, open(partial, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            os.replace(partial, folder / name)
+
+
+def _download_cifar(name: str, layout: CifarLayout, root: Path) -> Path:
+    by_hand = f"pass -P data_dir=DIR holding {layout.folder}/ (extracted from {layout.url})"
+    archive = root / (layout.url.rsplit("/", 1)[-1] + ".partial")
+    try:
+        digest = _download(lambda _: _fetch_url(layout.url, archive), root, name,
+                           f"{by_hand}, or run once with internet")
+        if digest != layout.md5:
+            raise ConfigError(f"the {name} archive from {layout.url} has md5 {digest}, not the published "
+                              f"{layout.md5}; it was deleted: run again to download it again, or {by_hand}")
+        try:
+            _extract_cifar(layout, archive, root)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ConfigError(f"cannot extract {layout.url} into {root}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        archive.unlink(missing_ok=True)
+    return root / layout.folder
+
+
 def _load_cifar(name: str, data_dir: str):
-    cls = _torchvision("CIFAR10" if name == "cifar10" else "CIFAR100")
+    layout = CIFAR_LAYOUTS[name]
     root = Path(data_dir) if data_dir else DEFAULT_CACHE
-    fix = f"pass -P data_dir=DIR holding the torchvision {name} folder, or run once with internet"
-    train = _download(lambda r: cls(r, train=True, download=True), root, name, fix)
-    test = _download(lambda r: cls(r, train=False, download=True), root, name, fix)
-    return (train.data.transpose(0, 3, 1, 2), np.asarray(train.targets),
-            test.data.transpose(0, 3, 1, 2), np.asarray(test.targets))
+    folder = _cifar_folder(layout, root) or _download_cifar(name, layout, root)
+    return _read_cifar(layout, folder)
 
 
 def load_arrays(name: str, data_dir: str = ""):
