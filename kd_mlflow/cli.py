@@ -43,8 +43,15 @@ def _is_rank0() -> bool:
 
 
 def _fail(exc: Exception) -> None:
+    """``exc`` as one line (through redact: MLflow's errors quote the tracking URI, password
+    included), then exit 2."""
     if _is_rank0():
-        click.echo(f"error: {exc}", err=True)
+        from .tracking import redact
+
+        text = str(exc).strip()
+        if _from_mlflow_client(exc):  # MLflow's texts can run on with a response body: its first line
+            text = f"{type(exc).__name__}: {(text.splitlines() or [''])[0]}"
+        click.echo(f"error: {redact(text)}", err=True)
     else:
         import time
 
@@ -130,7 +137,38 @@ def _ui_hint() -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then browse http://127.0.0.1:5000)"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _from_mlflow_client(exc: Exception) -> bool:
+    """An error of MLflow's client or of the HTTP stack under it (server down, refused, ...)."""
+    return type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+
+
+class _NoSecretsGroup(click.Group):
+    """No password in anything a command prints: MLflow's "View run at <URL>" lines are
+    turned off when MLFLOW_TRACKING_URI holds credentials (we print the URI redacted), and an
+    error no command caught is shown through redact: MLflow's (and our ConfigError) as one
+    line, any other with its traceback."""
+
+    def invoke(self, ctx):
+        import traceback
+
+        from .tracking import redact
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if redact(uri) != uri:
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, ConfigError) or _from_mlflow_client(exc):
+                _fail(exc)
+            click.echo(redact(traceback.format_exc()).rstrip(), err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_NoSecretsGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """Knowledge distillation for image classification, tracked in MLflow."""
 
@@ -344,8 +382,7 @@ def server_command(backend_store_uri: str, artifacts_destination: str, host: str
     try:
         code = serve(backend_store_uri, artifacts_destination, host, port, workers, mlflow_args, echo=click.echo)
     except ServerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(exc)
     sys.exit(code)
 
 

@@ -410,7 +410,9 @@ def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histori
 def _tracking_uri() -> str:
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    from .tracking import redact
+
+    return redact(mlflow.get_tracking_uri())
 
 
 # ------------------------------------------------------------------- rendering
@@ -515,8 +517,9 @@ def run_compare(experiment: str = "", *, echo=print) -> Comparison:
     an empty ``experiment`` means that run's experiment."""
     import mlflow
 
-    from .tracking import start_run
+    from .tracking import check_tracking_server, start_run
 
+    check_tracking_server()  # unreachable or refused: one line at once, not MLflow's minutes of retries
     adopted = os.environ.get("MLFLOW_RUN_ID")
     if not experiment:
         if adopted:

@@ -19,9 +19,16 @@ CHAMPION = "champion"
 
 
 def _client(client=None):
-    from mlflow import MlflowClient
+    """``client``, or for a command (which passes none) a new one once the registry's server
+    has answered: an unreachable server or bad credentials fail in one line, at once."""
+    if client is not None:
+        return client
+    import mlflow
 
-    return client or MlflowClient()
+    from .tracking import check_tracking_server
+
+    check_tracking_server(mlflow.get_registry_uri())
+    return mlflow.MlflowClient()
 
 
 def _quote(name: str) -> str:
@@ -230,9 +237,13 @@ def pull(spec: str, out_dir, client=None):
 def _registry_uri() -> str:
     import mlflow
 
-    return mlflow.get_registry_uri()
+    from .tracking import redact
+
+    return redact(mlflow.get_registry_uri())
 
 
 def _first_line(exc: Exception) -> str:
+    from .tracking import redact
+
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+    return redact(text.splitlines()[0] if text else type(exc).__name__)[:160]

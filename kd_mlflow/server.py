@@ -70,7 +70,7 @@ def libpq_uri(uri: str) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [redact(line.strip()) for line in str(exc).splitlines() if line.strip()]  # libpq may echo the URI
     text = " ".join(lines[0].split()) if lines else ""  # libpq adds hint lines: keep the message
     return re.sub(r"\bFATAL:\s*", "", text) or type(exc).__name__
 

@@ -36,13 +36,15 @@ def teacher_source(cfg: Config, spec: str | None = None) -> str:
 def _download_registered(uri: str) -> Path:
     import mlflow
 
+    from .tracking import redact
+
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:
         raise ConfigError(
-            f"cannot fetch {uri} from the registry at {mlflow.get_tracking_uri()} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); check the name and version with "
-            f"`kd-mlflow models list`"
+            f"cannot fetch {uri} from the registry at {redact(mlflow.get_registry_uri())} "
+            f"({type(exc).__name__}: {redact((str(exc).splitlines() or [''])[0])[:120]}); check the name and "
+            f"version with `kd-mlflow models list`"
         ) from exc
     found = sorted(local.rglob("*.pt"))
     if not found:

@@ -95,17 +95,20 @@ def _warm_model_logging() -> None:
 
 
 # ------------------------------------------------------------------ server health
-def redact(uri: str) -> str:
-    """``uri`` with its password replaced by *** (in an http(s) URI a lone user part, often
-    a token, too): safe to print and to log."""
-    from urllib.parse import urlsplit, urlunsplit
+def redact(text: str) -> str:
+    """``text`` (a URI, or any message that may hold some, such as an MLflow error) with the
+    password of every URI in it replaced by *** (in an http(s) URI a lone user part, often
+    a token, too): safe to print and to log. The one place that renders a server for people."""
+    import re
 
-    parts = urlsplit(uri)
-    if parts.password is None and (parts.username is None or not _is_http(uri)):
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    def hide(match) -> str:
+        scheme, userinfo = match.group(1), match.group(2)
+        if ":" in userinfo:
+            return f"{scheme}://{userinfo.split(':', 1)[0]}:***@"
+        return f"{scheme}://***@" if scheme.lower() in ("http", "https") else match.group(0)
+
+    # the user part ends at the netloc's last "@", as urlsplit reads it
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#\s]*)@", hide, text)
 
 
 def _is_http(uri: str) -> bool:
@@ -340,7 +343,7 @@ class _MetricBuffer:
         except Exception as exc:
             if self.link.up():
                 _say(f"warning: logging metrics to run {self.run_id} failed ({type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0][:200]}); retrying")
+                     f"{redact((str(exc).splitlines() or [''])[0])[:200]}); retrying")
             return False
 
     def _done(self, batch) -> None:
@@ -666,8 +669,8 @@ def resumable_run(params: dict, resume: str, has_checkpoint) -> str:
     try:
         run = client.get_run(resume)
     except Exception:
-        raise ConfigError(f"cannot resume: no run {resume!r} in the tracking store {mlflow.get_tracking_uri()}; "
-                          f"check the run id (and MLFLOW_TRACKING_URI)") from None
+        raise ConfigError(f"cannot resume: no run {resume!r} in the tracking store "
+                          f"{redact(mlflow.get_tracking_uri())}; check the run id (and MLFLOW_TRACKING_URI)") from None
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {resume} already FINISHED; there is nothing to resume")
     diff = differences(run)
@@ -727,7 +730,7 @@ def _lifecycle(tracker: MlflowTracker):
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
         with contextlib.suppress(Exception):
-            tracker.log_text(traceback.format_exc(), "error/traceback.txt")
+            tracker.log_text(redact(traceback.format_exc()), "error/traceback.txt")  # readable by all the server's users
         raise
     finally:
         tracker.close(status)
