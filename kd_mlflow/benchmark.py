@@ -172,6 +172,21 @@ def _pair_factory(parent, name: str, extra_tags: dict, register: bool):
     return factory
 
 
+def run_cell(cfg: Config, factory):
+    """runner.run of one cell of a benchmark or sweep -> (result, "") or (None, a one-line
+    error): a failed cell is reported, and the others still run (Ctrl-C still stops all)."""
+    from .runner import run
+    from .tracking import redact
+
+    try:
+        return run(cfg, tracker_factory=factory), ""
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        text = redact(str(exc)).strip()
+        return None, f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, **values) -> BenchmarkResult:
     """Train ``modes`` x ``seeds`` (skipping pairs already finished with the same
     settings), then compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
@@ -179,7 +194,6 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
 
     from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
     from .registry import update_champion
-    from .runner import run
     from .tracking import start_run
 
     unknown = set(values) - set(BENCHMARK_FIELDS)
@@ -219,12 +233,8 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
             echo(f"{label}: training")
             factory = _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
                                     {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
-            try:
-                res = run(cfg, tracker_factory=factory)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one broken mode must not cost the others; listed at the end
-                message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            res, message = run_cell(cfg, factory)
+            if res is None:  # one broken mode must not cost the others; listed at the end
                 result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
                 echo(f"{label}: FAILED ({message})")
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import functools
 import sys
 
 import click
@@ -255,14 +256,20 @@ def compare_command(experiment: str) -> None:
         _fail(exc)
 
 
-def _benchmark_options(fn):
+def _common_run_options(fn, skip=()):
+    """The benchmark's shared Config options and --seeds (a benchmark and a sweep take both)."""
     from .benchmark import BENCHMARK_FIELDS
 
     for name in reversed(BENCHMARK_FIELDS):
-        fn = _field_option(name)(fn)
+        if name not in skip:
+            fn = _field_option(name)(fn)
+    return click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
+
+
+def _benchmark_options(fn):
+    fn = _common_run_options(fn)
     fn = click.option("--register", type=int, default=0, show_default=True,
                       help="1 = register every student (and move the champion alias); 0 = log models only.")(fn)
-    fn = click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
     fn = click.option("--modes", default="all", show_default=True,
                       help=f"Comma-separated modes, or all ({', '.join(DISTILLATION_MODES)}).")(fn)
     return fn
@@ -282,6 +289,27 @@ def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
         _fail(exc)
     click.echo(f"  tracking URI  {_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
+    if result.failed:
+        sys.exit(1)
+
+
+@main.command(name="sweep")
+@click.argument("mode")
+@click.option("--param", required=True, help="The mode's numeric parameter to vary, e.g. beta.")
+@click.option("--values", "grid", required=True, help="Comma-separated values, e.g. 1,10,100.")
+@click.option("--output", default="", help="Also write the per-value table to this CSV file.")
+@functools.partial(_common_run_options, skip=("ensemble",))
+def sweep_command(mode: str, param: str, grid: str, output: str, seeds: int, **values) -> None:
+    """Train MODE for every value of one of its parameters x seeds, as nested runs of one
+    parent, and print a table per value (the value with the best mean val_acc is selected;
+    test_acc is shown, never used to choose). Finished cells are skipped (resume)."""
+    from .sweep import run_sweep
+
+    try:
+        result = run_sweep(mode, param, grid, seeds, output=output, echo=click.echo, **values)
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(f"  tracking URI  {_tracking_uri()}")
     if result.failed:
         sys.exit(1)
 

@@ -41,7 +41,7 @@ from .modes import DISTILLATION_MODES, EXECUTION, OPTIM
 COMMON_SETTINGS = ("dataset", "student", "train_subset", "val_size", "test_subset", *OPTIM)
 # Where and how a run ran, not what it computed; never a reason to exclude a run.
 NOT_SETTINGS = {*EXECUTION, "mode", "seed", "teacher", "teacher_checkpoint", "compared_experiment"}
-BOOKKEEPING_MODES = {"compare", "benchmark"}
+BOOKKEEPING_MODES = {"compare", "benchmark", "sweep"}
 CONFIDENCE = 0.95
 
 SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "test_acc_mean", "test_acc_std",
@@ -185,8 +185,8 @@ def search_all_runs(client, experiment_id: str) -> list:
 
 
 def counted_runs(runs: list, skip_run_ids=()) -> list:
-    """The runs that stand for one training of a mode: top-level runs and benchmark
-    children (stage children and bookkeeping runs are dropped here, silently)."""
+    """The runs that stand for one training of a mode: top-level runs and the children
+    of benchmarks and sweeps (stage children and bookkeeping runs are dropped here, silently)."""
     by_id = {r.info.run_id: r for r in runs}
     out = []
     for r in runs:
@@ -200,7 +200,7 @@ def counted_runs(runs: list, skip_run_ids=()) -> list:
         parent = tags.get("mlflow.parentRunId")
         if parent:
             parent_run = by_id.get(parent)
-            if parent_run is None or parent_run.data.tags.get("mode") != "benchmark":
+            if parent_run is None or parent_run.data.tags.get("mode") not in ("benchmark", "sweep"):
                 continue
         out.append(r)
     return out

@@ -129,7 +129,9 @@ def on_main(fn):
             broadcast_object(("error", str(exc)))
             raise
         except BaseException as exc:
-            broadcast_object(("crash", f"{type(exc).__name__} on rank 0: {exc}"))
+            from .tracking import redact
+
+            broadcast_object(("crash", redact(f"{type(exc).__name__} on rank 0: {exc}")))
             raise
     outcome = broadcast_object(outcome)
     kind, value = outcome

@@ -1,0 +1,144 @@
+"""A weight sweep: one mode, one of its numeric parameters over a list of values, N
+seeds, as nested runs of one parent (tag ``mode=sweep``), then a table per value.
+
+It is how the modes' default weights were chosen (docs/benchmark/): the value with the
+best mean validation accuracy is marked ``selected``; test accuracy is reported beside
+it and never used to choose. Resumes like a benchmark: a (value, seed) pair that already
+has a FINISHED run with the same settings in the experiment is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import Config, ConfigError
+from .modes import MODES
+
+NUMERIC = (int, float)
+
+
+@dataclass
+class SweepResult:
+    run_id: str
+    experiment: str
+    table: object = None  # pandas DataFrame, one row per value
+    trained: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)
+
+
+def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict) -> list[Config]:
+    """Validated Configs, value-major then seed; a ConfigError naming the problem first."""
+    if mode not in MODES or MODES[mode].kind != "distiller":
+        singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
+        raise ConfigError(f"sweep trains single-training modes; {mode!r} is not one of: {', '.join(singles)}")
+    if param not in MODES[mode].fields or param not in Config.field_names():
+        raise ConfigError(f"{mode} has no parameter {param!r}; its parameters are: {', '.join(MODES[mode].fields)}")
+    kind = Config.field_info(param).type
+    if kind not in ("int", "float", int, float):
+        raise ConfigError(f"sweep varies a numeric parameter; {param} is a {kind}")
+    cast = int if kind in ("int", int) else float
+    try:
+        grid = [cast(v.strip()) for v in str(values).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"values={values!r} is not a comma-separated list of numbers; e.g. --values 1,10,100") from None
+    if not grid:
+        raise ConfigError("values is empty; e.g. --values 1,10,100")
+    if int(seeds) < 1:
+        raise ConfigError(f"seeds must be >= 1 (the number of seeds: 0..N-1), got {seeds}")
+    configs = []
+    for value in grid:
+        for seed in range(int(seeds)):
+            cfg = Config.for_mode(mode, **common, seed=seed, **{param: value})
+            try:
+                cfg.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{param}={value}: {exc}") from None
+            configs.append(cfg)
+    return configs
+
+
+def sweep_table(rows: list[dict], param: str):
+    """rows (value, seed, test_acc, test_acc_last, best_val_acc) -> one row per value with
+    means, sample standard deviations and the selected (best mean val_acc) value."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    out = []
+    for value, group in frame.groupby("value", sort=True):
+        row = {param: value, "seeds": len(group)}
+        for name in ("best_val_acc", "test_acc", "test_acc_last"):
+            row[f"{name}_mean"] = group[name].mean()
+            row[f"{name}_std"] = group[name].std(ddof=1) if len(group) > 1 else math.nan
+        out.append(row)
+    table = pd.DataFrame(out)
+    best = table["best_val_acc_mean"].idxmax()
+    table["selected"] = [i == best for i in table.index]
+    return table
+
+
+def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str = "", echo=print,
+              **common) -> SweepResult:
+    """Train ``mode`` for every value of ``param`` x ``seeds`` as nested runs; -> the table."""
+    import mlflow
+
+    from .benchmark import BENCHMARK_FIELDS, _pair_factory, finished_run_for, precheck, run_cell
+    from .compare import counted_runs, markdown_table, search_all_runs
+    from .tracking import start_run
+
+    unknown = set(common) - set(BENCHMARK_FIELDS)
+    if unknown:
+        raise ConfigError(f"sweep does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    configs = plan_sweep(mode, param, values, seeds, common)
+    precheck(configs[:1])
+    base = configs[0]
+    params = {"sweep_mode": mode, "sweep_param": param, "sweep_values": values, "seeds": int(seeds),
+              **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k != "ensemble"}}
+    tags = {"mode": "sweep", "dataset": base.dataset, "student": base.student, "sweep_mode": mode,
+            "sweep_param": param}
+    client = mlflow.MlflowClient()
+    rows = []
+    with start_run(params, tags, run_name=f"sweep-{mode}-{param}") as parent:
+        experiment_id = client.get_run(parent.run_id).info.experiment_id
+        result = SweepResult(parent.run_id, client.get_experiment(experiment_id).name)
+        existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
+        for i, cfg in enumerate(configs, start=1):
+            value = getattr(cfg, param)
+            label = f"[{i}/{len(configs)}] {mode} {param}={value} seed {cfg.seed}"
+            done = finished_run_for(existing, cfg)
+            if done is not None:
+                metrics = done.data.metrics
+                result.skipped += 1
+                echo(f"{label}: skipped, finished as run {done.info.run_id}")
+            else:
+                echo(f"{label}: training")
+                factory = _pair_factory(parent, f"{mode}-{param}{value}-seed{cfg.seed}",
+                                        {"sweep_run_id": parent.run_id, "seed": str(cfg.seed)}, False)
+                res, message = run_cell(cfg, factory)
+                if res is None:
+                    result.failed.append(f"{param}={value} seed {cfg.seed}: {message}")
+                    echo(f"{label}: FAILED ({message})")
+                    continue
+                result.trained += 1
+                metrics = {"test_acc": res.test_acc, "test_acc_last": res.test_acc_last,
+                           "best_val_acc": res.best_val_acc}
+                echo(f"{label}: val {res.best_val_acc:.2f}% test {res.test_acc:.2f}% (run {res.run_id})")
+            rows.append({"value": value, "seed": cfg.seed, "test_acc": metrics.get("test_acc", math.nan),
+                         "test_acc_last": metrics.get("test_acc_last", math.nan),
+                         "best_val_acc": metrics.get("best_val_acc", math.nan)})
+        if rows:
+            result.table = sweep_table(rows, param)
+            parent.log_dict(result.table.to_dict(orient="records"), "sweep.json")
+            selected = result.table[result.table["selected"]].iloc[0]
+            parent.log_metrics({"selected_value": float(selected[param]),
+                                "selected_best_val_acc_mean": float(selected["best_val_acc_mean"])})
+            if output:
+                result.table.to_csv(output, index=False, float_format="%.4f")
+    if result.table is not None:
+        echo(markdown_table(result.table.round(2)))
+        echo(f"sweep run {result.run_id} in experiment {result.experiment!r}: {result.trained} trained, "
+             f"{result.skipped} skipped; selected by mean best_val_acc: {param}={selected[param]}")
+    for line in result.failed:
+        echo(f"failed: {line}")
+    return result
