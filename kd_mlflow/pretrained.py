@@ -39,6 +39,8 @@ def record(checkpoint: Path, command: str) -> dict:
         "arch": meta["arch"], "dataset": meta["dataset"],
         "num_classes": int(meta["num_classes"]), "in_channels": int(meta["in_channels"]),
         "test_acc": float(meta["test_acc"]), "best_val_acc": float(meta.get("best_val_acc", float("nan"))),
+        # test_acc as counts on the fp32 export (checkpoints from before counts were kept: absent)
+        **{k: int(meta[k]) for k in ("test_correct", "test_images") if k in meta},
         "epochs": int(meta.get("epochs", 0)), "seed": int(meta.get("seed", 0)),
         "sha256": sha256_of(checkpoint), "size_bytes": checkpoint.stat().st_size,
         "command": command, "mlflow_run_id": meta.get("mlflow_run_id", ""),

@@ -128,7 +128,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                            "figures/learning_curves.png")
         tracker.log_dict(cfg.params(), "config.json")
         meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
-                "in_channels": info.in_channels, "test_acc": test_acc, "best_val_acc": fit.best_val_acc,
+                "in_channels": info.in_channels, "test_acc": test_acc, "test_correct": correct, "test_images": n,
+                "best_val_acc": fit.best_val_acc,
                 "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
         checkpoint = save_model_checkpoint(checkpoint, student_cpu, meta)
         model_uri, version = tracker.log_model(student_cpu, example_input(data),
