@@ -46,7 +46,9 @@ CONFIDENCE = 0.95
 
 SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "test_acc_mean", "test_acc_std",
                    "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "teacher_test_acc",
-                   "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df"]
+                   "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p", "gain_p_holm",
+                   "test_acc_last_mean", "test_acc_last_std", "gain_last_vs_nokd", "gain_last_ci_low",
+                   "gain_last_ci_high"]
 EXCLUDED_COLUMNS = ["run_id", "run_name", "mode", "teacher", "seed", "status", "reason"]
 
 
@@ -139,6 +141,7 @@ class Interval:
     low: float
     high: float
     df: float
+    p: float = math.nan  # two-sided Welch t-test p-value of "no difference"
 
 
 def welch_interval(a, b, confidence: float = CONFIDENCE) -> Interval | None:
@@ -151,10 +154,22 @@ def welch_interval(a, b, confidence: float = CONFIDENCE) -> Interval | None:
     diff = statistics.fmean(a) - statistics.fmean(b)
     se2 = va + vb
     if se2 == 0.0:
-        return Interval(diff, diff, diff, math.inf)
+        return Interval(diff, diff, diff, math.inf, 1.0 if diff == 0 else 0.0)
     df = se2 ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = t_quantile(1.0 - (1.0 - confidence) / 2.0, df) * math.sqrt(se2)
-    return Interval(diff, diff - half, diff + half, df)
+    p = 2.0 * t_cdf(-abs(diff) / math.sqrt(se2), df)
+    return Interval(diff, diff - half, diff + half, df, min(1.0, p))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (NaN ones are left out and stay NaN):
+    the i-th smallest becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m, adjusted, running = len(order), [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 # --------------------------------------------------------------- reading runs
@@ -331,12 +346,13 @@ def runs_frame(runs: list) -> pd.DataFrame:
                      "dataset": tags.get("dataset", r.data.params.get("dataset", "")),
                      "student": tags.get("student", r.data.params.get("student", "")),
                      "mode": tags["mode"], "teacher": tags.get("teacher", ""), "seed": _seed(r),
-                     "test_acc": _metric(r, "test_acc"), "best_val_acc": _metric(r, "best_val_acc"),
+                     "test_acc": _metric(r, "test_acc"), "test_acc_last": _metric(r, "test_acc_last"),
+                     "best_val_acc": _metric(r, "best_val_acc"),
                      "teacher_test_acc": _metric(r, "teacher_test_acc"), "wall_seconds": wall,
                      "parent_run_id": tags.get("mlflow.parentRunId", ""), "history_run_id": history_run})
     return pd.DataFrame(rows, columns=["run_id", "run_name", "dataset", "student", "mode", "teacher", "seed",
-                                       "test_acc", "best_val_acc", "teacher_test_acc", "wall_seconds",
-                                       "parent_run_id", "history_run_id"])
+                                       "test_acc", "test_acc_last", "best_val_acc", "teacher_test_acc",
+                                       "wall_seconds", "parent_run_id", "history_run_id"])
 
 
 def _mode_order(mode: str) -> int:
@@ -349,17 +365,22 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
     keys = ["dataset", "student", "mode", "teacher"]
     for key, g in frame.groupby(keys, sort=False):
         acc = g["test_acc"].tolist()
+        last = g["test_acc_last"].dropna().tolist()
         teacher_acc = g["teacher_test_acc"].dropna()
         rows.append({**dict(zip(keys, key)), "runs": len(g),
                      "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna().astype(int))),
                      "test_acc_mean": statistics.fmean(acc),
                      "test_acc_std": statistics.stdev(acc) if len(acc) >= 2 else math.nan,
+                     "test_acc_last_mean": statistics.fmean(last) if last else math.nan,
+                     "test_acc_last_std": statistics.stdev(last) if len(last) >= 2 else math.nan,
                      "best_val_acc_mean": g["best_val_acc"].mean(), "best_val_acc_max": g["best_val_acc"].max(),
                      "wall_seconds_mean": g["wall_seconds"].mean(),
                      "teacher_test_acc": teacher_acc.mean() if len(teacher_acc) else math.nan,
-                     "_acc": acc})
+                     "_acc": acc, "_last": last})
     for row in rows:
-        row.update(gain_vs_nokd=math.nan, gain_ci_low=math.nan, gain_ci_high=math.nan, gain_df=math.nan)
+        row.update({k: math.nan for k in ("gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p",
+                                          "gain_p_holm", "gain_last_vs_nokd", "gain_last_ci_low",
+                                          "gain_last_ci_high")})
         if row["mode"] == "nokd":
             continue
         base = [b for b in rows if b["mode"] == "nokd" and b["dataset"] == row["dataset"]
@@ -369,10 +390,21 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
         row["gain_vs_nokd"] = row["test_acc_mean"] - base[0]["test_acc_mean"]
         ci = welch_interval(row["_acc"], base[0]["_acc"], confidence)
         if ci is not None:
-            row.update(gain_ci_low=ci.low, gain_ci_high=ci.high, gain_df=ci.df)
+            row.update(gain_ci_low=ci.low, gain_ci_high=ci.high, gain_df=ci.df, gain_p=ci.p)
+        if row["_last"] and base[0]["_last"]:
+            row["gain_last_vs_nokd"] = row["test_acc_last_mean"] - base[0]["test_acc_last_mean"]
+            ci = welch_interval(row["_last"], base[0]["_last"], confidence)
+            if ci is not None:
+                row.update(gain_last_ci_low=ci.low, gain_last_ci_high=ci.high)
+    # Every mode is tested against the same nokd: Holm keeps the family-wise error at 5%
+    # across them (per dataset and student).
+    for group in {(r["dataset"], r["student"]) for r in rows}:
+        members = [r for r in rows if (r["dataset"], r["student"]) == group]
+        for r, p in zip(members, holm([r["gain_p"] for r in members])):
+            r["gain_p_holm"] = p
     rows.sort(key=lambda r: (r["dataset"], r["student"], _mode_order(r["mode"]), r["teacher"]))
     for row in rows:
-        del row["_acc"]
+        del row["_acc"], row["_last"]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -443,9 +475,12 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         rows.append({"dataset": r.dataset, "student": r.student, "mode": r.mode, "teacher": r.teacher,
                      "seeds": r.runs,
                      "test_acc (%)": _fmt(r.test_acc_mean) + (f" ± {r.test_acc_std:.2f}" if not math.isnan(r.test_acc_std) else ""),
+                     "test_acc_last (%)": _fmt(r.test_acc_last_mean) + (
+                         f" ± {r.test_acc_last_std:.2f}" if not math.isnan(r.test_acc_last_std) else ""),
                      "best val_acc (%)": _fmt(r.best_val_acc_max),
                      "wall time (s)": _fmt(r.wall_seconds_mean, ".1f"),
-                     f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain})
+                     f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain,
+                     "p (Holm)": _fmt(r.gain_p_holm, ".3g")})
     return pd.DataFrame(rows)
 
 
@@ -458,7 +493,11 @@ def comparison_markdown(c: Comparison) -> str:
         lines += [markdown_table(display_table(c.summary)), "",
                   f"test_acc: mean ± sample standard deviation over seeds; best val_acc: the best over seeds; "
                   f"gain: difference of mean test_acc to nokd (same dataset and student), "
-                  f"{int(CONFIDENCE * 100)}% Welch t interval where both have >= 2 seeds."]
+                  f"{int(CONFIDENCE * 100)}% Welch t interval where both have >= 2 seeds. "
+                  f"test_acc is the best-validation student, test_acc_last the last epoch's (both the exported "
+                  f"fp32 model). p (Holm): Welch t-test of gain = 0, Holm-adjusted over all modes compared "
+                  f"with the same nokd; an interval is per mode and not adjusted, so with many modes trust "
+                  f"p (Holm) < 0.05 rather than an interval that just excludes 0."]
     else:
         lines.append("No comparable runs.")
     lines.append("")

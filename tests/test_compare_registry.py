@@ -26,7 +26,7 @@ from conftest import BIN, REPO, mlflow_run, runs_of, unique_experiment
 
 from kd_mlflow.benchmark import BENCHMARK_FIELDS, parse_modes, plan
 from kd_mlflow.cli import main
-from kd_mlflow.compare import compare_experiment, t_quantile, t_quantile_numeric, welch_interval
+from kd_mlflow.compare import compare_experiment, holm, summarize, t_quantile, t_quantile_numeric, welch_interval
 from kd_mlflow.config import ConfigError
 from kd_mlflow.modes import DISTILLATION_MODES
 from kd_mlflow.registry import parse_model_spec
@@ -62,6 +62,38 @@ def test_welch_interval_needs_two_values_per_side():
     half = T975[2] * math.sqrt(2.0)  # variances 2 and 2, n = 2 each: se^2 = 2, Welch df = 2
     assert (ci.diff, ci.df) == (pytest.approx(5.0), pytest.approx(2.0))
     assert (ci.low, ci.high) == (pytest.approx(5.0 - half), pytest.approx(5.0 + half))
+
+
+def test_welch_p_value_and_holm_by_hand():
+    # df = 2 has a closed-form t CDF, F(t) = 1/2 + t / (2 sqrt(2 + t^2)): two-sided p = 1 - t / sqrt(2 + t^2)
+    ci = welch_interval([85.0, 87.0], [80.0, 82.0])
+    t = 5.0 / math.sqrt(2.0)
+    assert ci.p == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t), rel=1e-9)
+    # Holm, m = 3: sorted .01, .03, .04 -> 3*.01, max(.03, 2*.03), max(.06, 1*.04); NaN stays out
+    assert holm([0.04, 0.01, math.nan, 0.03]) == [pytest.approx(0.06), pytest.approx(0.03), _nan(),
+                                                  pytest.approx(0.06)]
+    assert holm([0.5, 0.9]) == [pytest.approx(1.0), pytest.approx(1.0)]  # capped at 1
+
+
+class _nan:
+    def __eq__(self, other):
+        return isinstance(other, float) and math.isnan(other)
+
+
+def test_summary_reports_the_last_epoch_beside_the_selected_student():
+    frame = pd.DataFrame([
+        {"dataset": "d", "student": "s", "mode": m, "teacher": "t", "seed": i, "test_acc": acc,
+         "test_acc_last": last, "best_val_acc": 50.0, "teacher_test_acc": math.nan, "wall_seconds": 1.0}
+        for m, rows in {"nokd": [(80.0, 79.0), (82.0, 81.0)], "kd": [(85.0, 86.0), (87.0, 88.0)]}.items()
+        for i, (acc, last) in enumerate(rows)])
+    rows = {r["mode"]: r for r in summarize(frame).to_dict("records")}
+    assert rows["kd"]["test_acc_last_mean"] == 87.0 and rows["nokd"]["test_acc_last_mean"] == 80.0
+    assert rows["kd"]["test_acc_last_std"] == pytest.approx(math.sqrt(2.0))
+    assert rows["kd"]["gain_last_vs_nokd"] == pytest.approx(7.0)
+    half = T975[2] * math.sqrt(2.0)
+    assert (rows["kd"]["gain_last_ci_low"], rows["kd"]["gain_last_ci_high"]) == (pytest.approx(7.0 - half),
+                                                                                 pytest.approx(7.0 + half))
+    assert rows["kd"]["gain_p_holm"] == pytest.approx(rows["kd"]["gain_p"])  # one comparison: no adjustment
 
 
 def test_model_spec_and_modes_parsing():
@@ -221,6 +253,10 @@ def check_comparison(summary: pd.DataFrame, excluded: pd.DataFrame, ids: dict) -
     assert rows["kd"]["gain_df"] == pytest.approx(2.0)
     assert rows["kd"]["gain_ci_low"] == pytest.approx(5.0 - half)
     assert rows["kd"]["gain_ci_high"] == pytest.approx(5.0 + half)
+    # two modes with an interval against the same nokd: Holm-adjusted p-values
+    assert [rows[m]["gain_p_holm"] for m in ("kd", "rkd")] == pytest.approx(holm([rows["kd"]["gain_p"],
+                                                                                 rows["rkd"]["gain_p"]]))
+    assert rows["kd"]["gain_p_holm"] >= rows["kd"]["gain_p"] and math.isnan(rows["allkd"]["gain_p_holm"])
     # rkd vs nokd: unequal n and variances, Welch-Satterthwaite df by hand
     va, vb = statistics.variance(groups["rkd"]) / 3, statistics.variance(groups["nokd"]) / 2
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
