@@ -322,6 +322,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.train_batches.generator.set_state(state["batch_rng"])
+        # The method's own state (e.g. UDA's unlabelled stream); on_fit_start has run.
+        self.distiller.load_checkpoint_extra(state.get("distiller_extra", {}))
         if self.device.type == "cuda" and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.startup_seconds = -1.0  # not a fresh start: do not report a startup time
@@ -332,6 +334,7 @@ class Trainer:
         atomic_save({
             "epoch": epoch,
             "distiller": {k: v.detach().cpu() for k, v in self.distiller.trainable_state_dict().items()},
+            "distiller_extra": self.distiller.checkpoint_extra(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "best_val_acc": best.best_val_acc,

@@ -1,6 +1,9 @@
 """Faults survived: a run killed mid-training (SIGKILL: no chance to clean up; SIGTERM:
 marked KILLED) continues from its last epoch checkpoint in the same MLflow run and, on
-CPU, ends with exactly the numbers of an uninterrupted run. Real processes, real signals."""
+CPU, ends with exactly the numbers of an uninterrupted run. Real processes, real signals.
+
+uda is checked besides the baseline: it draws from random streams of its own (the
+unlabelled batches' order and crops, RandAugment's ops), which its checkpoint must carry."""
 
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--train-subset", "1000", "--val-size", "300", "--test-subset", "300", "--batch-size", "100",
         "--epochs", "3", "--device", "cpu", "--experiment", "resume"]
+# With half the images labelled, an epoch (5 batches) ends in the middle of a pass over the
+# unlabelled pool (10 batches): the resumed stream must continue there.
+MODE_ARGS = {"nokd": [], "uda": ["--teacher", "pretrained:fashion_mnist-resnet20", "--labeled-fraction", "0.5"]}
 
 
 def _env(tmp_path):
@@ -23,17 +29,17 @@ def _env(tmp_path):
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def _train(tmp_path, *extra, wait=True):
-    cmd = [sys.executable, "-m", "kd_mlflow", "train", "nokd", *ARGS, *extra]
+def _train(tmp_path, *extra, mode="nokd", wait=True):
+    cmd = [sys.executable, "-m", "kd_mlflow", "train", mode, *ARGS, *MODE_ARGS[mode], *extra]
     if wait:
         return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
-def _interrupt_after_first_epoch(tmp_path, sig) -> tuple[str, subprocess.Popen]:
+def _interrupt_after_first_epoch(tmp_path, sig, mode="nokd") -> tuple[str, subprocess.Popen]:
     before = set((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else set()
-    proc = _train(tmp_path, wait=False)
+    proc = _train(tmp_path, mode=mode, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline:
         new = [d for d in (tmp_path / "runs").glob("*") if d not in before] if (tmp_path / "runs").exists() else []
@@ -58,25 +64,39 @@ def _metrics(tmp_path, run_id):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    proc = _train(tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from mlflow import MlflowClient
+def references(tmp_path_factory):
+    """mode -> (its directory, the metrics of an uninterrupted run), made once per mode."""
+    made = {}
 
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name("resume").experiment_id])[0]
-    return tmp, _metrics(tmp, run.info.run_id)
+    def reference_of(mode):
+        if mode not in made:
+            tmp = tmp_path_factory.mktemp(f"resume-{mode}")
+            proc = _train(tmp, mode=mode)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            from mlflow import MlflowClient
+
+            client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+            run = client.search_runs([client.get_experiment_by_name("resume").experiment_id])[0]
+            made[mode] = tmp, _metrics(tmp, run.info.run_id)
+        return made[mode]
+
+    return reference_of
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_numbers(reference):
-    tmp, (ref_run, ref_val, ref_loss) = reference
-    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGKILL)
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("nokd")
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_ARGS))
+def test_sigkill_then_resume_gives_the_uninterrupted_numbers(references, mode):
+    tmp, (ref_run, ref_val, ref_loss) = references(mode)
+    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGKILL, mode)
     assert proc.returncode == -signal.SIGKILL
     run, _, _ = _metrics(tmp, run_id)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
 
-    resumed = _train(tmp, "--resume", run_id)
+    resumed = _train(tmp, "--resume", run_id, mode=mode)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming run {run_id}" in resumed.stderr
     run, val, loss = _metrics(tmp, run_id)
@@ -107,3 +127,38 @@ def test_resume_refuses_other_settings_and_finished_runs(reference):
     assert done.returncode == 2 and "already FINISHED" in done.stderr
     missing = _train(tmp, "--resume", "0123456789abcdef0123456789abcdef")
     assert missing.returncode == 2 and "cannot resume" in missing.stderr
+
+
+@pytest.mark.parametrize("taken", [2, 3, 4])  # mid-pass, at the end of a pass, in the second pass
+def test_uda_unlabeled_stream_continues_from_its_checkpoint_state(taken):
+    import torch
+
+    from kd_mlflow.data import DATASETS, DeviceBatches, Split
+    from kd_mlflow.distillers.uda import UnlabeledStream
+
+    info = DATASETS["fashion_mnist"]
+    g = torch.Generator().manual_seed(0)
+    pool = Split(torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8, generator=g), torch.zeros(30, dtype=torch.long))
+
+    def stream():  # 3 batches per pass, augmented: order and crops come from the stream's generator
+        return UnlabeledStream(DeviceBatches(pool, info, 10, device="cpu", shuffle=True, augment=True, seed=1))
+
+    uninterrupted = stream()
+    for _ in range(taken):
+        next(uninterrupted)
+    state = torch.load(_roundtrip(uninterrupted.state()), weights_only=True)
+    resumed = stream()
+    resumed.load_state(state)
+    for _ in range(5):
+        assert torch.equal(next(resumed), next(uninterrupted))
+
+
+def _roundtrip(obj):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer

@@ -31,6 +31,10 @@ class Distiller(nn.Module):
     #                                          labelled subset + unlabelled pool)
     #   on_fit_start(trainer)                  once, with the trainer's device and batches
     #   on_epoch_start(epoch)                  before each epoch (e.g. AB's two phases)
+    #   checkpoint_extra() -> dict             state beyond parameters and buffers that an
+    #   load_checkpoint_extra(extra)           exact resume needs (e.g. UDA's unlabelled stream);
+    #                                          saved in every epoch checkpoint, given back
+    #                                          after on_fit_start when a run resumes
     @classmethod
     def adapt_data(cls, data, cfg):
         return data
@@ -39,6 +43,13 @@ class Distiller(nn.Module):
         pass
 
     def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def checkpoint_extra(self) -> dict:
+        """Plain tensors and Python values only: checkpoints are loaded weights-only."""
+        return {}
+
+    def load_checkpoint_extra(self, extra: dict) -> None:
         pass
 
     @property

@@ -49,6 +49,45 @@ def labeled_subset_size(n: int, fraction: float) -> int:
     return min(n, max(2, round(fraction * n)))
 
 
+class UnlabeledStream:
+    """Endless unlabelled batches, pass after pass (each pass reshuffles with the batches'
+    own generator), at a position a checkpoint can hold: the generator state at the start
+    of the current pass and the number of batches taken from it. Restoring replays those
+    batches (their order and crops are redrawn; a pass is cheap next to a training step),
+    so a resumed run meets exactly the batches an uninterrupted one would."""
+
+    def __init__(self, batches: DeviceBatches):
+        self.batches = batches
+        self._pass_start = batches.generator.get_state()
+        self._taken = 0
+        self._pass = None  # the current pass's iterator; None until its first batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._pass is None:
+            self._pass_start, self._taken = self.batches.generator.get_state(), 0
+            self._pass = iter(self.batches)
+        try:
+            x, _ = next(self._pass)
+        except StopIteration:
+            self._pass = None
+            return next(self)
+        self._taken += 1
+        return x
+
+    def state(self) -> dict:
+        return {"pass_start": self._pass_start.clone(), "taken": self._taken}
+
+    def load_state(self, state: dict) -> None:
+        self.batches.generator.set_state(state["pass_start"])
+        self._pass_start, self._taken = state["pass_start"].clone(), 0
+        self._pass = iter(self.batches)
+        for _ in range(state["taken"]):
+            next(self)
+
+
 class UDAKD(Distiller):
     """Hinton KD on clean and strongly augmented labelled images plus UDA consistency.
 
@@ -62,7 +101,7 @@ class UDAKD(Distiller):
 
     def __init__(self, student, teachers=(), cfg=None):
         super().__init__(student, teachers, cfg)
-        self._unlabeled = None  # endless iterator of normalised unlabelled batches
+        self._unlabeled: UnlabeledStream | None = None  # normalised unlabelled batches, endless
         self._mean = self._std = None  # normalisation in pixel units, for RandAugment
 
     @classmethod
@@ -91,14 +130,16 @@ class UDAKD(Distiller):
                                 rank=trainer.train_batches.rank, world_size=trainer.train_batches.world_size)
         if len(batches) == 0:
             raise ValueError(f"the unlabelled pool has {len(pool)} image(s); UDA needs at least 2")
-        self._unlabeled = self._cycle(batches)
+        self._unlabeled = UnlabeledStream(batches)
         self._mean, self._std = trainer.train_batches.mean, trainer.train_batches.std
 
-    @staticmethod
-    def _cycle(batches):
-        while True:  # each pass reshuffles with the batches' own generator
-            for x, _ in batches:
-                yield x
+    # RandAugment draws from torch's global generator, which the trainer checkpoints itself.
+    def checkpoint_extra(self) -> dict:
+        return {"unlabeled": self._unlabeled.state()} if self._unlabeled is not None else {}
+
+    def load_checkpoint_extra(self, extra: dict) -> None:
+        if "unlabeled" in extra:
+            self._unlabeled.load_state(extra["unlabeled"])
 
     def _strong(self, x: torch.Tensor) -> torch.Tensor:
         return strong_augment(x, self._mean, self._std)
