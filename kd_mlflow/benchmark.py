@@ -22,8 +22,11 @@ from .config import Config, ConfigError
 from .modes import DISTILLATION_MODES, EXECUTION, MODES
 
 # Config fields a benchmark takes (everything else: each mode's own defaults).
-BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "epochs", "batch_size", "lr",
-                    "train_subset", "val_size", "test_subset", "device", "precision", "data_dir", "experiment")
+# The strategies' inputs (teachers, the kdparam grid) and labeled_fraction apply to the modes
+# that have them; a benchmark of the committed teachers needs no teacher training.
+BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "teachers", "temperatures",
+                    "alphas", "labeled_fraction", "epochs", "batch_size", "lr", "train_subset", "val_size",
+                    "test_subset", "device", "precision", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
 RESUME_IGNORES = set(EXECUTION)

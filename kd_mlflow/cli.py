@@ -298,7 +298,7 @@ def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
 @click.option("--param", required=True, help="The mode's numeric parameter to vary, e.g. beta.")
 @click.option("--values", "grid", required=True, help="Comma-separated values, e.g. 1,10,100.")
 @click.option("--output", default="", help="Also write the per-value table to this CSV file.")
-@functools.partial(_common_run_options, skip=("ensemble",))
+@functools.partial(_common_run_options, skip=("ensemble", "teachers", "temperatures", "alphas"))
 def sweep_command(mode: str, param: str, grid: str, output: str, seeds: int, **values) -> None:
     """Train MODE for every value of one of its parameters x seeds, as nested runs of one
     parent, and print a table per value (the value with the best mean val_acc is selected;

@@ -94,7 +94,7 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
     precheck(configs[:1])
     base = configs[0]
     params = {"sweep_mode": mode, "sweep_param": param, "sweep_values": values, "seeds": int(seeds),
-              **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k != "ensemble"}}
+              **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k in MODES[mode].fields}}
     tags = {"mode": "sweep", "dataset": base.dataset, "student": base.student, "sweep_mode": mode,
             "sweep_param": param}
     client = mlflow.MlflowClient()
