@@ -244,14 +244,16 @@ def _field_option(name: str, default=None):
 @main.command(name="compare")
 @click.option("--experiment", default="", show_default=True,
               help="Experiment to compare (name or id); empty under `mlflow run` = the run's own experiment.")
-def compare_command(experiment: str) -> None:
+@click.option("--output-dir", default="", help="Also write summary.csv, runs.csv, summary.md and the figures "
+                                               "(PNG) into this folder.")
+def compare_command(experiment: str, output_dir: str) -> None:
     """Compare the modes of an experiment: a table per mode (seeds, mean ± std test_acc,
     best val_acc, wall time, gain over nokd with a 95% CI) and figures, logged as a run
     of its own (tag mode=compare). Failed, unfinished and mismatched runs are listed, never averaged."""
     from .compare import run_compare
 
     try:
-        run_compare(experiment, echo=click.echo)
+        run_compare(experiment, echo=click.echo, output_dir=output_dir)
     except ConfigError as exc:
         _fail(exc)
 

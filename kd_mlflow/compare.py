@@ -528,20 +528,35 @@ def comparison_figures(c: Comparison) -> dict:
     return figures
 
 
-def log_comparison(c: Comparison, tracker) -> None:
-    """Tables (CSV + Markdown), the excluded runs and figures as artifacts of ``tracker``'s run."""
+def write_comparison(c: Comparison, out: Path, figures: bool = False) -> list[Path]:
+    """The tables (CSV + Markdown) and settings into ``out`` (and, with ``figures``, the
+    figures as PNG under ``out/figures``) -> the files written."""
     import json
 
+    out.mkdir(parents=True, exist_ok=True)
+    c.summary.to_csv(out / "summary.csv", index=False)
+    c.runs.to_csv(out / "runs.csv", index=False)
+    c.excluded.to_csv(out / "excluded.csv", index=False)
+    (out / "summary.md").write_text(c.markdown)
+    (out / "settings.json").write_text(json.dumps({"experiment": c.experiment, "experiment_id": c.experiment_id,
+                                                   "common_settings": c.settings}, indent=2))
+    written = sorted(out.iterdir())
+    if figures:
+        import matplotlib.pyplot as plt
+
+        for path, fig in comparison_figures(c).items():
+            target = out / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=150, bbox_inches="tight")
+            plt.close(fig)
+            written.append(target)
+    return written
+
+
+def log_comparison(c: Comparison, tracker) -> None:
+    """Tables (CSV + Markdown), the excluded runs and figures as artifacts of ``tracker``'s run."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "compare"
-        out.mkdir()
-        c.summary.to_csv(out / "summary.csv", index=False)
-        c.runs.to_csv(out / "runs.csv", index=False)
-        c.excluded.to_csv(out / "excluded.csv", index=False)
-        (out / "summary.md").write_text(c.markdown)
-        (out / "settings.json").write_text(json.dumps({"experiment": c.experiment, "experiment_id": c.experiment_id,
-                                                       "common_settings": c.settings}, indent=2))
-        for f in sorted(out.iterdir()):
+        for f in write_comparison(c, Path(tmp) / "compare"):
             tracker.log_artifact(f, "compare")
     for path, fig in comparison_figures(c).items():
         tracker.log_figure(fig, path)
@@ -550,10 +565,10 @@ def log_comparison(c: Comparison, tracker) -> None:
     tracker.set_tags({"compared_experiment": c.experiment, "compared_experiment_id": c.experiment_id})
 
 
-def run_compare(experiment: str = "", *, echo=print) -> Comparison:
+def run_compare(experiment: str = "", *, echo=print, output_dir: str = "") -> Comparison:
     """``kd-mlflow compare``: compare ``experiment`` and log the result as a run of its
-    own (tag mode=compare). Under ``mlflow run`` the run MLflow created is adopted, and
-    an empty ``experiment`` means that run's experiment."""
+    own (tag mode=compare), and into ``output_dir`` when given. Under ``mlflow run`` the
+    run MLflow created is adopted, and an empty ``experiment`` means that run's experiment."""
     import mlflow
 
     from .tracking import check_tracking_server, start_run
@@ -577,6 +592,8 @@ def run_compare(experiment: str = "", *, echo=print) -> Comparison:
         # Re-read inside the run so nothing finished in between is missed; skip ourselves.
         comparison = compare_experiment(comparison.experiment, client, skip_run_ids={tracker.run_id})
         log_comparison(comparison, tracker)
+        if output_dir:
+            write_comparison(comparison, Path(output_dir), figures=True)
         echo(comparison.markdown)
         echo(f"compare run {tracker.run_id} (compared experiment {comparison.experiment!r})")
     return comparison

@@ -287,8 +287,14 @@ def test_compare_statistics_exclusions_and_logged_artifacts(synthetic_experiment
     assert sorted(curves.loc[curves["run_id"] == ids["allkd"], "val_acc"]) == [40.0, 50.0, 60.0]
     assert sorted(curves["epoch"].unique()) == [1, 2, 3]
 
-    out = CliRunner().invoke(main, ["compare", "--experiment", name])
+    written = tmp_path / "written"
+    out = CliRunner().invoke(main, ["compare", "--experiment", name, "--output-dir", str(written)])
     assert out.exit_code == 0, out.output
+    check_comparison(pd.read_csv(written / "summary.csv"), pd.read_csv(written / "excluded.csv"), ids)
+    runs = pd.read_csv(written / "runs.csv")
+    assert len(runs) == 8 and {ids["nokd0"], ids["kd0"]} <= set(runs["run_id"]) and "test_acc_last" in runs
+    for figure in ("test_acc_by_mode.png", "val_acc_curves.png"):
+        assert (written / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| fashion_mnist | resnet8 | kd | resnet20 | 2 | 86.00 ± 1.41 |" in out.output
     assert f"+5.00 [{5.0 - T975[2] * math.sqrt(2):+.2f}, {5.0 + T975[2] * math.sqrt(2):+.2f}]" in out.output
     assert "Left out (8 runs)" in out.output and ids["kd_failed"] in out.output
