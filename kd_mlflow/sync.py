@@ -3,9 +3,12 @@
 A run whose server never came back leaves ``runs/<run_id>/offline/`` (see tracking.py):
 run.json (params, tags, artifacts, models, registrations, final status), metrics.jsonl
 and files/. Sync logs them into the same run when the server knows it, else into a new
-run of the same experiment (tagged ``kd_mlflow.synced_from``). Each finished step is
-recorded in run.json, so an interrupted sync continues where it stopped and a second
-sync uploads nothing twice.
+run of the same experiment (tagged ``kd_mlflow.synced_from``). A nested run that was
+created offline (a sweep's stage opened while the server was away) becomes a new run
+nested under its parent: the parent's own run, or the run its offline directory was
+synced to when the parent was created offline too (parents are synced first). Each
+finished step is recorded in run.json, so an interrupted sync continues where it
+stopped and a second sync uploads nothing twice.
 """
 
 from __future__ import annotations
@@ -39,21 +42,62 @@ def _load(directory: Path) -> dict:
     return record
 
 
-def _target_run(client, record: dict, echo) -> str:
+def _known_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(record["run_id"]).info.run_id
+        return client.get_run(run_id)
     except MlflowException:
-        pass
+        return None
+
+
+def _parent_run(client, directory: Path, record: dict, echo):
+    """The server's run for ``record``'s parent, or None when it has none (or it is lost)."""
+    parent_id = record.get("parent_run_id")
+    if not parent_id:
+        return None
+    parent = _known_run(client, parent_id)
+    if parent is not None:
+        return parent
+    # Created offline too: its offline directory stands next to this one (runs/<id>/offline).
+    parent_dir = directory.parent.parent / parent_id / "offline"
+    if (parent_dir / "run.json").is_file():
+        target = _load(parent_dir).get("target_run_id")
+        if not target:
+            raise ConfigError(f"the parent run of {directory} is waiting in {parent_dir}; sync it first "
+                              f"(`kd-mlflow sync {directory.parent.parent}` syncs parents before children)")
+        return client.get_run(target)
+    echo(f"  warning: its parent run {parent_id} is unknown to this server and has no offline directory "
+         f"here; it is created as a top-level run")
+    return None
+
+
+def _target_run(client, directory: Path, record: dict, echo) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    known = _known_run(client, record["run_id"])
+    if known is not None:
+        return known.info.run_id
     if record.get("target_run_id"):  # created by an earlier, interrupted sync
         return record["target_run_id"]
-    name = record.get("experiment_name") or "kd-mlflow"
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(experiment_id, tags={"kd_mlflow.synced_from": record["run_id"]})
-    echo(f"  run {record['run_id']} is unknown to this server: logging into new run {run.info.run_id} "
-         f"of experiment {name!r}")
+    tags = {"kd_mlflow.synced_from": record["run_id"]}
+    parent = _parent_run(client, directory, record, echo)
+    if parent is not None:
+        experiment_id = parent.info.experiment_id
+        name = client.get_experiment(experiment_id).name
+        tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
+    else:
+        name = record.get("experiment_name") or "kd-mlflow"
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(experiment_id, run_name=record.get("run_name"), start_time=record.get("start_time"),
+                            tags=tags)
+    if record.get("created_offline"):
+        echo(f"  run {record['run_id']} was created offline: logging into new run {run.info.run_id} "
+             + (f"nested under run {parent.info.run_id}" if parent is not None else f"of experiment {name!r}"))
+    else:
+        echo(f"  run {record['run_id']} is unknown to this server: logging into new run {run.info.run_id} "
+             f"of experiment {name!r}")
     return run.info.run_id
 
 
@@ -99,7 +143,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         echo(f"{directory}: already synced to run {record.get('target_run_id', record['run_id'])}; nothing to do")
         return None
     client = mlflow.MlflowClient()
-    run_id = _target_run(client, record, echo)
+    run_id = _target_run(client, directory, record, echo)
 
     def save() -> None:
         atomic_write_text(json.dumps(record, indent=2, default=str), directory / "run.json")
@@ -150,10 +194,31 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         finish("registrations")
     if "status" not in done:
         if record.get("status"):
-            client.set_terminated(run_id, record["status"])
+            client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
             echo(f"  status {record['status']}")
         finish("status")
     return run_id
+
+
+def _parents_first(directories: list[Path]) -> list[Path]:
+    """``directories`` reordered so that a run's parent, when among them, comes before it."""
+    run_ids, parent_of = {}, {}
+    for directory in directories:
+        try:
+            record = _load(directory)
+        except ConfigError:
+            continue  # sync_dir says what is wrong with it, in turn
+        run_ids[directory] = record["run_id"]
+        parent_of[record["run_id"]] = record.get("parent_run_id")
+
+    def depth(directory: Path) -> int:
+        run_id, ancestors = run_ids.get(directory), set()
+        while parent_of.get(run_id) in parent_of and run_id not in ancestors:
+            ancestors.add(run_id)
+            run_id = parent_of[run_id]
+        return len(ancestors)
+
+    return sorted(directories, key=depth)
 
 
 def sync(path: str | Path, echo=print) -> list[str]:
@@ -161,7 +226,7 @@ def sync(path: str | Path, echo=print) -> list[str]:
 
     import mlflow
 
-    directories = find_offline_dirs(path)
+    directories = _parents_first(find_offline_dirs(path))
     if not directories:
         raise ConfigError(f"no offline run directories (offline/run.json) under {path}; nothing to sync")
     check_tracking_server()

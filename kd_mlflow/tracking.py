@@ -9,6 +9,8 @@ If it goes away later, training goes on: metrics wait in a bounded in-process bu
 a background thread delivers when the server is back; calls at the end of a training
 wait for it (``KD_TRACKING_OUTAGE_WAIT`` seconds, default 300), and if it never returns
 everything not delivered goes to ``runs/<run_id>/offline/`` for ``kd-mlflow sync``.
+A nested run opened then (a sweep's next stage) is created offline, under an id of its
+own, and lives there entirely; sync creates it under its parent.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "kd-mlflow"
@@ -258,9 +261,12 @@ class _Offline:
 
     def __init__(self, run_id: str, link: _Link):
         self.dir = OFFLINE_ROOT / run_id / "offline"
+        # A run created offline (created_offline) also has its run_name and start_time here;
+        # run_id is then an id the server has never seen, and parent_run_id may be one too.
         self.record = {"format": "kd-mlflow-offline/1", "run_id": run_id, "tracking_uri": link.shown,
                        "experiment_name": None, "parent_run_id": None, "params": {}, "tags": {},
-                       "artifacts": [], "models": [], "registrations": [], "status": None, "done": []}
+                       "artifacts": [], "models": [], "registrations": [], "status": None, "end_time": None,
+                       "done": []}
         self.used = False
         self._lock = threading.Lock()
 
@@ -305,6 +311,29 @@ class _Offline:
         return self.dir
 
 
+def _as_metrics(metrics: dict, step: int | None) -> list:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
+
+
+class _OfflineMetrics:
+    """The metric buffer of a run created offline: its points go straight to the offline file."""
+
+    def __init__(self, offline: _Offline):
+        self.offline = offline
+
+    def add(self, metrics: dict, step: int | None) -> None:
+        self.offline.add_metrics(_as_metrics(metrics, step))
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 class _MetricBuffer:
     """Metrics in logging order, delivered in batches by a daemon thread, so the epoch
     loop never waits on the server; an outage only delays them. Bounded: beyond
@@ -319,11 +348,8 @@ class _MetricBuffer:
         self.thread.start()
 
     def add(self, metrics: dict, step: int | None) -> None:
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
         with self.cond:
-            self.pending.extend(Metric(k, float(v), stamp, step or 0) for k, v in metrics.items())
+            self.pending.extend(_as_metrics(metrics, step))
             overflow = len(self.pending) - MAX_BUFFERED_METRICS
             if overflow > 0:
                 self.offline.add_metrics([self.pending.popleft() for _ in range(overflow)])
@@ -402,13 +428,17 @@ class _MetricBuffer:
 class MlflowTracker:
     _warming: threading.Thread | None = None
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, *, offline_only: bool = False):
+        """``offline_only``: a run created offline (the server does not know ``run_id``):
+        everything it logs goes to its offline directory, whether the server is back or not."""
         import mlflow
 
         self.run_id = run_id
         self.link = _Link.of(mlflow.get_tracking_uri())
         self.offline = _Offline(run_id, self.link)
-        self.metrics = _MetricBuffer(run_id, self.link, self.offline)
+        self.offline_only = offline_only
+        self.metrics = (_OfflineMetrics(self.offline) if offline_only
+                        else _MetricBuffer(run_id, self.link, self.offline))
         if MlflowTracker._warming is None:
             MlflowTracker._warming = threading.Thread(target=_warm_model_logging, name="warm-log-model",
                                                       daemon=True)
@@ -419,8 +449,15 @@ class MlflowTracker:
 
         return mlflow.MlflowClient()
 
+    def _reach(self, fn, what: str):
+        """-> (True, fn()) once the server takes it; (False, None) when it never came back,
+        and at once for a run created offline."""
+        if self.offline_only:
+            return False, None
+        return self.link.call(fn, what)
+
     def _call(self, what: str, fn, fallback):
-        done, value = self.link.call(fn, what)
+        done, value = self._reach(fn, what)
         if done:
             return value
         fallback()
@@ -451,7 +488,7 @@ class MlflowTracker:
         def logged_epochs():
             return {m.step for m in self._client().get_metric_history(self.run_id, "train_loss")}
 
-        done, logged = self.link.call(logged_epochs, "the metric history")
+        done, logged = self._reach(logged_epochs, "the metric history")
         for epoch, metrics in enumerate(history if done else []):
             if epoch not in logged:
                 self.log_metrics(metrics, step=epoch)
@@ -556,7 +593,11 @@ class MlflowTracker:
     def child(self, name: str, tags: dict | None = None):
         """A nested run under this one. Created explicitly with its parent id: under
         `mlflow run`, MLFLOW_RUN_ID is set, and a plain start_run(nested=True) would
-        resume the parent itself instead of opening a child."""
+        resume the parent itself instead of opening a child.
+
+        When the server does not come back within the outage wait (or this run was itself
+        created offline), the child is created offline: it trains and logs into its
+        offline directory under a fresh id, and `kd-mlflow sync` creates it under its parent."""
         import mlflow
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -566,12 +607,18 @@ class MlflowTracker:
             return client.create_run(experiment_id, run_name=name,
                                      tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
 
-        done, created = self.link.call(create, f"the nested run {name!r}")
-        if not done:
-            raise RuntimeError(f"tracking server {self.link.shown} is unreachable: cannot open the nested run "
-                               f"{name!r}; restart this stage when it is back")
-        run = mlflow.start_run(run_id=created.info.run_id, nested=True)
-        child = MlflowTracker(run.info.run_id)
+        done, created = self._reach(create, f"the nested run {name!r}")
+        if done:
+            mlflow.start_run(run_id=created.info.run_id, nested=True)
+            child = MlflowTracker(created.info.run_id)
+        else:
+            child = MlflowTracker(uuid.uuid4().hex, offline_only=True)
+            # The parent goes into the record, not the tags: it may be an offline id too,
+            # which sync replaces by the run it became.
+            child.offline.record.update(created_offline=True, run_name=name, start_time=int(time.time() * 1000))
+            child.offline.add("tags", {k: str(v) for k, v in (tags or {}).items()})
+            _say(f"tracking server {self.link.shown} is away: the nested run {name!r} starts offline as "
+                 f"{child.run_id}; `kd-mlflow sync` creates it under run {self.run_id} when the server is back")
         child.offline.record.update(experiment_name=self.offline.record["experiment_name"],
                                     parent_run_id=self.run_id)
         with _lifecycle(child) as tracker:
@@ -591,9 +638,10 @@ class MlflowTracker:
             else:  # an earlier attempt popped it and then lost the server
                 self._client().set_terminated(self.run_id, status)
 
-        done, _ = self.link.call(end, "the run status")
+        done, _ = self._reach(end, "the run status")
         if not done:
             self.offline.add("status", status)
+            self.offline.add("end_time", int(time.time() * 1000))
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 with _no_http_retries(), contextlib.suppress(Exception):

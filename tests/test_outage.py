@@ -7,6 +7,8 @@ mid-run), a real `kd-mlflow train` subprocess, real Fashion-MNIST.
   ends FINISHED with every epoch and the model;
 - down for good: the training finishes, everything the server missed is written to
   runs/<id>/offline, exit 75; `kd-mlflow sync` uploads it later, once;
+- down when a sweep opens its next stage: the nested run is created offline and trains;
+  `kd-mlflow sync` creates it under its parent;
 - basic-auth server: credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD, a wrong
   password is a clear error, and the password appears nowhere in what was logged.
 """
@@ -52,11 +54,12 @@ class Server:
 
 
 class Training:
-    """`kd-mlflow train MODE` in the background, its stderr read line by line."""
+    """`kd-mlflow train MODE` in the background, its stderr read line by line (``launcher``:
+    how Python starts kd-mlflow, by default ``-m kd_mlflow``)."""
 
-    def __init__(self, cwd: Path, url: str, mode: str, *args, env_extra=None):
+    def __init__(self, cwd: Path, url: str, mode: str, *args, env_extra=None, launcher=("-m", "kd_mlflow")):
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), **(env_extra or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "kd_mlflow", "train", mode, *ARGS, *args], cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, *launcher, "train", mode, *ARGS, *args], cwd=cwd,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
@@ -186,6 +189,135 @@ def test_server_gone_for_good_writes_offline_dir_that_sync_uploads_once(tmp_path
         assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
         assert _steps(client, run_id, "train_loss") == [0, 1, 2]  # nothing uploaded twice
         assert len(client.search_model_versions("name='fashion_mnist-resnet8-nokd'")) == 1
+
+
+# kd-mlflow, paused before it opens its second nested run until the test says go: the
+# test's way to stop the server exactly between two stages (nothing else is changed).
+PAUSED_BEFORE_SECOND_CHILD = """
+import pathlib, time
+from kd_mlflow import tracking
+from kd_mlflow.cli import main
+
+opened, child = [], tracking.MlflowTracker.child
+
+def paused_child(self, name, tags=None):
+    opened.append(name)
+    if len(opened) == 2:
+        pathlib.Path("second-child.ready").touch()
+        while not pathlib.Path("second-child.go").exists():
+            time.sleep(0.05)
+    return child(self, name, tags)
+
+tracking.MlflowTracker.child = paused_child
+main(prog_name="kd-mlflow")
+"""
+
+
+def _sync(cwd: Path, url: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "kd_mlflow", "sync", "runs"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_nested_run_opened_while_the_server_is_away_goes_offline_and_sync_nests_it(tmp_path):
+    """kdparam over a 1x2 grid; the server is stopped after the first stage, before the second."""
+    experiment = "outage-nested"
+    server = Server(tmp_path).start()
+    train = Training(tmp_path, server.url, "kdparam", "--epochs", "2", "--experiment", experiment,
+                     "--teacher", "pretrained:fashion_mnist-resnet20", "--temperatures", "4", "--alphas", "0.5,0.9",
+                     env_extra={"KD_TRACKING_OUTAGE_WAIT": "3"}, launcher=("-c", PAUSED_BEFORE_SECOND_CHILD))
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "second-child.ready").exists():
+            assert train.proc.poll() is None and time.time() < deadline, "".join(train.stderr)[-3000:]
+            time.sleep(0.1)
+        server.stop()
+        (tmp_path / "second-child.go").touch()
+        rc, out, err = train.finish()
+        assert rc == 75, err[-3000:]
+        assert "starts offline as" in err, err[-3000:]
+        records = {d.parent.name: json.loads((d / "run.json").read_text())
+                   for d in (tmp_path / "runs").glob("*/offline")}
+        [offline_id] = [k for k, r in records.items() if r.get("created_offline")]
+        parent_id = records[offline_id]["parent_run_id"]
+        assert set(records) == {offline_id, parent_id}  # the parent's own end waited in its directory
+
+        server.start()
+        sync = _sync(tmp_path, server.url)
+        assert sync.returncode == 0, sync.stderr[-3000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(server.url)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert len(runs) == 3, [r.info.run_name for r in runs]
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "FINISHED"
+        assert {"kdparam_grid.json", "figures"} <= {a.path for a in client.list_artifacts(parent_id)}
+        children = {r.info.run_name: r for r in runs if r.info.run_id != parent_id}
+        assert set(children) == {"kd-T4-alpha0.5", "kd-T4-alpha0.9"}
+        for child in children.values():
+            assert child.data.tags["mlflow.parentRunId"] == parent_id
+            assert child.info.status == "FINISHED"
+            assert child.data.params["temperature"] == "4.0" and child.data.tags["parent_mode"] == "kdparam"
+            assert _steps(client, child.info.run_id, "train_loss") == [0, 1]
+            assert "test_acc" in child.data.metrics
+            assert {"config.json", "figures"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+            models = client.search_logged_models([parent.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{child.info.run_id}'")
+            assert [m.name for m in models] == ["model"]
+        second = children["kd-T4-alpha0.9"]
+        assert second.data.params["alpha"] == "0.9"
+        assert second.data.tags["kd_mlflow.synced_from"] == offline_id
+        assert second.info.start_time == records[offline_id]["start_time"]
+
+        again = _sync(tmp_path, server.url)
+        assert again.returncode == 0 and again.stdout.count("nothing to do") == 2, again.stdout + again.stderr
+        assert len(client.search_runs([parent.info.experiment_id])) == 3
+    finally:
+        train.proc.kill()
+        server.stop()
+
+
+def test_sync_nests_a_run_created_offline_under_a_parent_created_offline_too(tmp_path, monkeypatch):
+    """A benchmark's pair opened while the server was away, and the pair's own stage: sync
+    creates the pair under the benchmark's run, then the stage under the pair's new run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from kd_mlflow import sync, tracking
+    from kd_mlflow.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "OFFLINE_DIRS", [])  # this process's CLI must not see them
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with tracking.start_run({"experiment": "offline-tree"}, {"mode": "benchmark"}, run_name="top") as top:
+            reach = top._reach
+            top._reach = lambda fn, what: (False, None)  # the server did not come back within the wait
+            with top.child("pair", tags={"mode": "kdparam"}) as pair:
+                top._reach = reach
+                pair.log_params({"seed": 0})
+                with pair.child("cell", tags={"mode": "kd"}) as cell:
+                    cell.log_params({"temperature": 4.0})
+                    cell.log_metrics({"train_loss": 1.5}, step=0)
+        client = MlflowClient(uri)
+        [top_run] = client.search_runs([client.get_experiment_by_name("offline-tree").experiment_id])
+        assert top_run.info.status == "FINISHED"
+        with pytest.raises(ConfigError, match="sync it first"):  # the cell alone: its parent is not synced yet
+            sync.sync(Path("runs") / cell.run_id / "offline", echo=lambda _: None)
+        synced = sync.sync("runs", echo=lambda _: None)
+        runs = {r.info.run_name: r for r in client.search_runs([top_run.info.experiment_id])}
+        assert set(runs) == {"top", "pair", "cell"}
+        assert synced == [runs["pair"].info.run_id, runs["cell"].info.run_id]  # parents first
+        assert runs["pair"].data.tags["mlflow.parentRunId"] == top_run.info.run_id
+        assert runs["cell"].data.tags["mlflow.parentRunId"] == runs["pair"].info.run_id
+        assert runs["pair"].data.params == {"seed": "0"} and runs["cell"].data.params == {"temperature": "4.0"}
+        assert runs["cell"].data.metrics == {"train_loss": 1.5} and runs["cell"].data.tags["mode"] == "kd"
+        assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_basic_auth_server_credentials_come_from_env_and_are_never_logged(tmp_path, monkeypatch):
