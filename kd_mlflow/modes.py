@@ -57,9 +57,9 @@ def _kd(*extra) -> tuple:
 
 _ALL = [
     Mode("nokd", "Student trained with cross-entropy only (the baseline).", "distiller",
-         COMMON, "kd_mlflow.distillers.base:NoKD", teacher_source=""),
+         (*DATA, *PAIR, "labeled_fraction", *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
     Mode("kd", "Hinton et al. knowledge distillation from one frozen teacher.", "distiller",
-         _kd(), "kd_mlflow.distillers.kd:HintonKD"),
+         _kd("labeled_fraction"), "kd_mlflow.distillers.kd:HintonKD"),
     Mode("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy",
          (*DATA, "student", "teachers", "teacher_epochs", *HINTON, *OPTIM, *RUNTIME),
          "kd_mlflow.strategies:allkd", teacher_source=""),

@@ -300,6 +300,21 @@ def test_uda_adapt_data_sizes_and_determinism():
     assert len(UDAKD.adapt_data(data, cfg.replace(labeled_fraction=0.33)).train) == 13  # round(13.2)
 
 
+def test_semi_supervised_baselines_train_on_the_same_labels_as_uda():
+    from kd_mlflow.distillers.base import NoKD
+    from kd_mlflow.distillers.kd import HintonKD
+    from kd_mlflow.distillers.rkd import RelationalKD
+
+    data = synthetic_bundle(40)
+    uda = UDAKD.adapt_data(data, Config.for_mode("uda", labeled_fraction=0.25, seed=7))
+    for cls, mode in ((NoKD, "nokd"), (HintonKD, "kd")):
+        same = cls.adapt_data(data, Config.for_mode(mode, labeled_fraction=0.25, seed=7))
+        assert torch.equal(same.train.x, uda.train.x) and torch.equal(same.train.y, uda.train.y), mode
+    # a mode without the parameter ignores a value a benchmark passes to every mode
+    assert RelationalKD.adapt_data(data, Config.for_mode("rkd", labeled_fraction=0.25, seed=7)) is data
+    assert "labeled_fraction" in Config.for_mode("nokd", labeled_fraction=0.25).params()
+
+
 def fake_trainer(data, cfg, device="cpu"):
     train_batches = DeviceBatches(data.train, data.info, cfg.batch_size, device=device,
                                   shuffle=True, augment=True, seed=cfg.seed)

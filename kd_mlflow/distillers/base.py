@@ -5,6 +5,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def labeled_subset_size(n: int, fraction: float) -> int:
+    return min(n, max(2, round(fraction * n)))
+
+
+def labeled_subset(data, fraction: float, seed: int):
+    """-> ``data`` whose train split is round(fraction * N) images (>= 2) drawn with a
+    generator seeded by ``seed`` (the same images for every mode of one seed, so nokd, kd
+    and uda can be compared on the same labels), and whose unlabelled pool is the whole
+    training split; fraction 1.0 keeps the training split as it is."""
+    from ..data import DataBundle, Split
+
+    n = len(data.train)
+    k = labeled_subset_size(n, fraction)
+    train = data.train
+    if k < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+        train = Split(data.train.x[idx], data.train.y[idx])
+    return DataBundle(data.info, train, data.val, data.test, unlabeled=data.train)
+
+
 class Distiller(nn.Module):
     """Student + frozen teacher(s) + trainable connectors.
 
@@ -37,7 +57,13 @@ class Distiller(nn.Module):
     #                                          after on_fit_start when a run resumes
     @classmethod
     def adapt_data(cls, data, cfg):
-        return data
+        """The semi-supervised setting, for every mode that takes ``labeled_fraction``:
+        train on its labelled subset; the whole training split is the unlabelled pool."""
+        from ..modes import MODES
+
+        if cfg is None or "labeled_fraction" not in MODES[cfg.mode].fields:
+            return data
+        return labeled_subset(data, cfg.labeled_fraction, cfg.seed)
 
     def on_fit_start(self, trainer) -> None:
         pass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import strong_augment
-from ..data import DataBundle, DeviceBatches, Split
+from ..data import DeviceBatches
 from .base import Distiller
 from .kd import hinton_kd_loss
 
@@ -43,10 +43,6 @@ def uda_consistency_loss(clean_logits: torch.Tensor, strong_logits: torch.Tensor
     log_pred = F.log_softmax(strong_logits.float(), dim=1)
     per_sample = F.kl_div(log_pred, log_target, reduction="none", log_target=True).sum(dim=1)
     return (per_sample * mask).sum() / clean_logits.shape[0]
-
-
-def labeled_subset_size(n: int, fraction: float) -> int:
-    return min(n, max(2, round(fraction * n)))
 
 
 class UnlabeledStream:
@@ -103,20 +99,6 @@ class UDAKD(Distiller):
         super().__init__(student, teachers, cfg)
         self._unlabeled: UnlabeledStream | None = None  # normalised unlabelled batches, endless
         self._mean = self._std = None  # normalisation in pixel units, for RandAugment
-
-    @classmethod
-    def adapt_data(cls, data: DataBundle, cfg) -> DataBundle:
-        """unlabeled = the whole training split; train = a subset of
-        round(labeled_fraction * N) images (>= 2) drawn with a generator seeded by
-        ``cfg.seed``; labeled_fraction 1.0 keeps the training split as it is."""
-        n = len(data.train)
-        k = labeled_subset_size(n, cfg.labeled_fraction)
-        if k >= n:
-            train = data.train
-        else:
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:k]
-            train = Split(data.train.x[idx], data.train.y[idx])
-        return DataBundle(data.info, train, data.val, data.test, unlabeled=data.train)
 
     def on_fit_start(self, trainer) -> None:
         data, cfg = trainer.data, trainer.cfg
