@@ -254,3 +254,42 @@ def test_mlflow_run_on_two_processes_matches_one_process(mlflow_server):
             assert abs(round(a * images / 100) - round(b * images / 100)) <= 2, (name, a, b)
     assert abs(int(two.data.metrics["test_correct"]) - int(one.data.metrics["test_correct"])) <= 2
     assert len(history(two, "train_loss")) == SETTINGS["epochs"]
+
+
+# ------------------------------------------------------------ SIGTERM and resume
+def test_sigterm_stops_a_two_process_run_as_killed_and_resume_ends_bit_identical(tmp_path):
+    """The launcher of a 2-process gloo run gets a real SIGTERM after the first epoch
+    checkpoint: it exits 143 with the run KILLED (not RUNNING); `--resume <run id>` on two
+    processes finishes it with exactly the numbers of an uninterrupted 2-process run."""
+    import re
+    import signal
+
+    from test_resume import _interrupt_after_first_epoch, _metrics, _the_run_id, _train
+
+    two = ("--nproc-per-node", "2")
+    reference_dir, work = tmp_path / "reference", tmp_path / "interrupted"
+    reference_dir.mkdir()
+    work.mkdir()
+    reference = _train(reference_dir, *two, wait=False)  # side by side: the start-up waits overlap
+    try:
+        run_id, launcher = _interrupt_after_first_epoch(work, signal.SIGTERM, *two)
+        stderr = launcher.stderr.read()
+        assert launcher.returncode == 143, stderr[-3000:]
+        assert "launching 2 processes" in stderr and "marked KILLED" in stderr
+        run, _, _ = _metrics(work, run_id)
+        assert run.info.status == "KILLED"
+        _, ref_err = reference.communicate(timeout=600)
+        assert reference.returncode == 0, ref_err[-3000:]
+    finally:
+        reference.kill()
+    ref_run, ref_val, ref_loss = _metrics(reference_dir, _the_run_id(reference_dir))
+
+    resumed = _train(work, *two, "--resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = re.search(rf"resuming run {run_id} after epoch (\d)/3", resumed.stderr)
+    assert after and int(after.group(1)) < 3, resumed.stderr[-3000:]  # it had epochs left to train
+    run, val, loss = _metrics(work, run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["nproc_per_node"] == "2"
+    assert val == ref_val and loss == ref_loss  # one value per epoch, bit-identical
+    assert run.data.metrics["test_acc"] == ref_run.data.metrics["test_acc"]

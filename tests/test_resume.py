@@ -37,9 +37,11 @@ def _train(tmp_path, *extra, mode="nokd", wait=True):
                             text=True)
 
 
-def _interrupt_after_first_epoch(tmp_path, sig, mode="nokd") -> tuple[str, subprocess.Popen]:
+def _interrupt_after_first_epoch(tmp_path, sig, *extra, mode="nokd") -> tuple[str, subprocess.Popen]:
+    """Start a training (``extra``: more CLI arguments), send ``sig`` once its first epoch
+    checkpoint exists, wait for it to exit -> (run id, process)."""
     before = set((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else set()
-    proc = _train(tmp_path, mode=mode, wait=False)
+    proc = _train(tmp_path, *extra, mode=mode, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline:
         new = [d for d in (tmp_path / "runs").glob("*") if d not in before] if (tmp_path / "runs").exists() else []
@@ -51,6 +53,15 @@ def _interrupt_after_first_epoch(tmp_path, sig, mode="nokd") -> tuple[str, subpr
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("no epoch checkpoint appeared")
+
+
+def _the_run_id(tmp_path) -> str:
+    """The one run of the experiment in ``tmp_path``'s store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    return run.info.run_id
 
 
 def _metrics(tmp_path, run_id):
@@ -73,11 +84,7 @@ def references(tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"resume-{mode}")
             proc = _train(tmp, mode=mode)
             assert proc.returncode == 0, proc.stderr[-3000:]
-            from mlflow import MlflowClient
-
-            client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-            run = client.search_runs([client.get_experiment_by_name("resume").experiment_id])[0]
-            made[mode] = tmp, _metrics(tmp, run.info.run_id)
+            made[mode] = tmp, _metrics(tmp, _the_run_id(tmp))
         return made[mode]
 
     return reference_of
@@ -91,7 +98,7 @@ def reference(references):
 @pytest.mark.parametrize("mode", sorted(MODE_ARGS))
 def test_sigkill_then_resume_gives_the_uninterrupted_numbers(references, mode):
     tmp, (ref_run, ref_val, ref_loss) = references(mode)
-    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGKILL, mode)
+    run_id, proc = _interrupt_after_first_epoch(tmp, signal.SIGKILL, mode=mode)
     assert proc.returncode == -signal.SIGKILL
     run, _, _ = _metrics(tmp, run_id)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
