@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TEACHER := pretrained/fashion_mnist-resnet20.pt
 RUN_EPOCHS ?= 3
 
-.PHONY: setup data run test test-postgres test-fast mlproject ui server postgres clean
+.PHONY: setup data run test test-postgres test-fast mlproject ui server postgres clean benchmark benchmark-summary
 
 $(BIN)/kd-mlflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,44 @@ postgres:
 	  else echo "PostgreSQL is not installed: sudo apt-get install postgresql (or run sudo make postgres)"; exit 1; fi; \
 	fi
 	bash scripts/postgres-setup.sh
+
+# The reference benchmark (README, "Benchmark"; docs/benchmark/): every mode on 5,000
+# Fashion-MNIST images, 20 epochs, the committed resnet20 teacher -> resnet8, 5 seeds (3 for
+# the multi-stage modes), plus uda's semi-supervised setting against nokd and kd on the
+# same 10% of labels. Hours of CPU; resumable: run it again and only unfinished cells
+# train. Its MLflow store lives outside the repo, in $(BENCH_DIR).
+BENCH_DIR ?= $(HOME)/kd-benchmark
+BENCH_KD = cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db $(CURDIR)/$(BIN)/kd-mlflow
+BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20
+BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd
+
+# Seeds 0-2 of every mode first, so that an interrupted run already has a whole table.
+BENCH_ENSEMBLE = --ensemble pretrained:fashion_mnist-resnet20,pretrained:fashion_mnist-resnet14
+
+benchmark: setup data
+	mkdir -p $(BENCH_DIR)
+	$(BENCH_KD) benchmark --modes $(BENCH_SINGLE) --seeds 3 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
+	$(BENCH_KD) benchmark --modes allkd,kdparam,takd --seeds 3 $(BENCH_REGIME) --experiment fmnist-benchmark \
+	  --teachers pretrained:fashion_mnist-resnet14,pretrained:fashion_mnist-resnet20 \
+	  --temperatures 2,4,8 --alphas 0.5,0.9,1.0
+	$(BENCH_KD) benchmark --modes $(BENCH_SINGLE) --seeds 5 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
+	$(BENCH_KD) benchmark --modes nokd,kd,uda --seeds 5 $(BENCH_REGIME) --labeled-fraction 0.1 \
+	  --experiment fmnist-benchmark-semisup
+	@$(MAKE) --no-print-directory benchmark-summary
+
+# Tables and figures of the benchmark's experiments -> docs/benchmark/ (also while it runs).
+benchmark-summary: setup
+	@for exp in fmnist-benchmark fmnist-benchmark-semisup; do \
+	  out=$$(mktemp -d) && \
+	  (cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db \
+	    $(CURDIR)/$(BIN)/kd-mlflow compare --experiment $$exp --output-dir $$out > /dev/null) && \
+	  name=$$(echo $$exp | sed 's/fmnist-benchmark/fashion_mnist/') && \
+	  cp $$out/summary.csv docs/benchmark/$$name.csv && cp $$out/runs.csv docs/benchmark/$$name-runs.csv && \
+	  cp $$out/summary.md docs/benchmark/$$name.md && \
+	  cp $$out/figures/test_acc_by_mode.png docs/benchmark/$$name-test-acc.png && \
+	  cp $$out/figures/val_acc_curves.png docs/benchmark/$$name-val-curves.png && \
+	  rm -rf $$out && echo "docs/benchmark/$$name.{csv,md}, -runs.csv, -test-acc.png, -val-curves.png"; \
+	done
 
 clean:
 	rm -rf runs mlruns mlartifacts .pytest_cache
