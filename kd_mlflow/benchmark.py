@@ -54,7 +54,7 @@ class BenchmarkResult:
 
 
 def parse_modes(text: str) -> list[str]:
-    """"all" (the 13 distillation modes) or a comma-separated list, in registry order."""
+    """"all" (every distillation mode of the registry) or a comma-separated list, in registry order."""
     items = [m.strip() for m in str(text).split(",") if m.strip()]
     if not items:
         raise ConfigError("modes is empty; pass -P modes=all or a list such as -P modes=nokd,kd,rkd")
@@ -116,11 +116,12 @@ def precheck(configs: list[Config]) -> str:
 
 def settings_match(run, cfg: Config) -> bool:
     """Whether ``run`` trained what ``cfg`` describes: every param of the mode equal
-    (numbers compared as numbers), except those in RESUME_IGNORES."""
-    from .compare import normalize_value
+    (numbers compared as numbers), except those in RESUME_IGNORES. A param the run does
+    not have counts as the parameter's default (it was logged before the parameter was
+    added to the mode; see compare.logged_value)."""
+    from .compare import logged_value, normalize_value
 
-    params = run.data.params
-    return all(normalize_value(params.get(k)) == normalize_value(v)
+    return all(logged_value(run, k, cfg.mode) == normalize_value(v)
                for k, v in cfg.params().items() if k not in RESUME_IGNORES)
 
 

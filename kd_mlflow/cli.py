@@ -4,7 +4,6 @@ cannot drift apart."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import functools
 import sys
@@ -17,24 +16,44 @@ from .modes import DISTILLATION_MODES, MODES
 _TYPES = {"int": int, "float": float, "str": str, "bool": click.BOOL}
 
 
+def _option(name: str, mode: str | None = None, default=None):
+    """A click option for a parameter (common field or a mode's own), named and documented
+    as everywhere. Choices are checked by Config.validate, so every bad value gets the same
+    one-line "problem; fix" error whether it came from the CLI or MLproject."""
+    p = Config.parameter(name, mode)
+    help_text = p.help + (f" One of: {', '.join(p.choices)}." if p.choices else "")
+    decls = ["--" + name.replace("_", "-"), "--" + name] if "_" in name else ["--" + name]
+    return click.option(*decls, name, type=_TYPES[p.type], default=p.default if default is None else default,
+                        show_default=True, help=help_text)
+
+
 def config_options(mode_name: str):
-    """click options for every Config field the mode uses, with the dataclass default."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    """click options for every parameter the mode takes, with the mode's default."""
 
     def decorate(fn):
         for name in reversed(MODES[mode_name].fields):
-            f = fields[name]
-            # Choices are checked by Config.validate, so every bad value gets the same
-            # one-line "problem; fix" error whether it came from the CLI or MLproject.
-            choices = f.metadata.get("choices")
-            help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-            dashed = "--" + name.replace("_", "-")
-            decls = [dashed, "--" + name] if "_" in name else [dashed]
-            fn = click.option(*decls, name, type=_TYPES[f.type], default=Config.default_for(mode_name, name),
-                              show_default=True, help=help_text)(fn)
+            fn = _option(name, mode_name)(fn)
         return fn
 
     return decorate
+
+
+class _ModeCommand(click.Command):
+    """A mode's command: an option that belongs to other modes (logit_standardization on
+    oh, say) is one line saying which modes take it, not click's usage screen."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            from .modes import modes_taking
+
+            name = exc.option_name.lstrip("-").split("=")[0].replace("-", "_")
+            takers = modes_taking(name)
+            if not takers:
+                raise
+            raise ConfigError(f"mode {self.name} has no parameter {name}; the modes that take it: "
+                              f"{', '.join(takers)}") from None
 
 
 def _is_rank0() -> bool:
@@ -182,7 +201,7 @@ def train() -> None:
 def _make_train_command(mode_name: str):
     mode = MODES[mode_name]
 
-    @train.command(name=mode_name, help=mode.summary, short_help=mode.summary)
+    @train.command(name=mode_name, cls=_ModeCommand, help=mode.summary, short_help=mode.summary)
     @config_options(mode_name)
     def command(**kwargs):
         try:
@@ -198,7 +217,7 @@ for _name in DISTILLATION_MODES:
     _make_train_command(_name)
 
 
-@main.command(name="teacher", help=MODES["teacher"].summary)
+@main.command(name="teacher", cls=_ModeCommand, help=MODES["teacher"].summary)
 @config_options("teacher")
 def teacher_command(**kwargs):
     try:
@@ -231,16 +250,6 @@ def mlproject_command(check: bool, path: str) -> None:
 
 
 # ------------------------------------------------- compare, benchmark, models
-def _field_option(name: str, default=None):
-    """A click option for a Config field, named and documented as in `train`."""
-    f = Config.field_info(name)
-    choices = f.metadata.get("choices")
-    help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-    decls = ["--" + name.replace("_", "-"), "--" + name] if "_" in name else ["--" + name]
-    return click.option(*decls, name, type=_TYPES[f.type], default=f.default if default is None else default,
-                        show_default=True, help=help_text)
-
-
 @main.command(name="compare")
 @click.option("--experiment", default="", show_default=True,
               help="Experiment to compare (name or id); empty under `mlflow run` = the run's own experiment.")
@@ -264,7 +273,7 @@ def _common_run_options(fn, skip=()):
 
     for name in reversed(BENCHMARK_FIELDS):
         if name not in skip:
-            fn = _field_option(name)(fn)
+            fn = _option(name)(fn)
     return click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .modes import DISTILLATION_MODES, EXECUTION, OPTIM
+from .config import Config, ConfigError
+from .modes import DISTILLATION_MODES, EXECUTION, MODES, OPTIM
 
 # Settings every mode has and that must agree for numbers to be comparable across
 # modes (seed varies by design; mode-specific parameters are checked per mode).
@@ -188,6 +188,22 @@ def normalize_value(value) -> str:
         return text
 
 
+def logged_value(run, name: str, mode: str = "") -> str:
+    """``run``'s param ``name``, normalised. A param the run does not have, though its mode
+    takes it, counts as the parameter's declared default: the run was logged before the
+    parameter existed (say ``logit_standardization`` on kd), when the method behaved as that
+    default does. So adding a parameter to a mode keeps its earlier runs comparable and a
+    benchmark resumable. (Should a parameter's default ever change, its old runs would be
+    read with the new default: change a default only together with a new name.)"""
+    params = run.data.params
+    if name in params:
+        return normalize_value(params[name])
+    mode = mode or params.get("mode") or run.data.tags.get("mode", "")
+    if mode in MODES and name in MODES[mode].fields:
+        return normalize_value(Config.parameter(name, mode).default)
+    return normalize_value(None)
+
+
 def search_all_runs(client, experiment_id: str) -> list:
     runs, token = [], None
     while True:
@@ -298,7 +314,7 @@ def select_runs(runs: list) -> tuple[list, list[dict], dict]:
             candidates.append(r)
 
     def common(r):
-        return tuple(normalize_value(r.data.params.get(n)) for n in COMMON_SETTINGS)
+        return tuple(logged_value(r, n) for n in COMMON_SETTINGS)
 
     agreeing = _keep_majority(candidates, COMMON_SETTINGS, common, "settings", excluded)
     # Shown as the runs logged them (the comparison itself uses the normalised values).
@@ -313,7 +329,7 @@ def select_runs(runs: list) -> tuple[list, list[dict], dict]:
         names = sorted(set().union(*(_mode_specific(r) for r in group)))
 
         def own(r, names=names):
-            return tuple(normalize_value(r.data.params.get(n)) for n in names)
+            return tuple(logged_value(r, n, r.data.tags["mode"]) for n in names)
 
         consistent += _keep_majority(group, names, own, "mode parameters", excluded)
 

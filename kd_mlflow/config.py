@@ -1,18 +1,21 @@
 """Every hyperparameter of a run, in one validated dataclass.
 
-The fields a mode uses (``modes.MODES[mode].fields``) are exactly the MLflow params of
-its run, the options of its CLI command and the parameters of its MLproject entry
-point. Validation happens here, before any data is read or any run is created, so a
-typo costs a one-line error and nothing else.
+``Config`` holds the fields common to all modes; each mode declares its own parameters
+as :class:`Param` next to its registry entry (modes.py), and they are read as attributes
+all the same (``cfg.temperature``). The names a mode uses (``modes.MODES[mode].fields``:
+the common ones it takes, then its own) are exactly the MLflow params of its run, the
+options of its CLI command and the parameters of its MLproject entry point. Validation
+happens here, before any data is read or any run is created, so a typo costs a
+one-line error and nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 # `kd-mlflow server` defaults: here, so that the CLI reads them without importing server.py.
@@ -27,6 +30,43 @@ class ConfigError(ValueError):
 
 def _f(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a mode declares next to its code (modes.py): the CLI option, the
+    MLproject parameter, the validation and the logged MLflow param all come from it.
+
+    ``type`` is "int", "float", "str" or "bool"; ``check(name, value, cfg)`` returns the
+    one-line problem (what is wrong and how to fix it) or None."""
+
+    name: str
+    type: str
+    default: object
+    help: str
+    check: Callable | None = None
+    choices: tuple | None = None
+
+    def but(self, **changes) -> "Param":
+        """The same parameter with another default (or help) for one mode."""
+        return dataclasses.replace(self, **changes)
+
+
+# Checks for Param.check, each a one-line message in the shape users already know.
+def at_least(low, note: str = ""):
+    return lambda name, v, cfg: None if v >= low else f"{name} must be >= {low}{note}, got {v}"
+
+
+def above(low):
+    return lambda name, v, cfg: None if v > low else f"{name} must be > {low}, got {v}"
+
+
+def within(low, high, open_low: bool = False):
+    def check(name, v, cfg):
+        inside = (low < v if open_low else low <= v) and v <= high
+        return None if inside else f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {v}"
+
+    return check
 
 
 def unwritable_reason(directory: Path, tag: str = "") -> str | None:
@@ -51,8 +91,6 @@ class Config:
     teacher_checkpoint: str = _f(
         "", "Teacher checkpoint: a file, or a models:/ URI; empty = pretrained/<dataset>-<teacher>.pt."
     )
-    arch: str = _f("resnet20", "Architecture of the network the teacher entry point trains.")
-    output: str = _f("", "Where the teacher entry point writes its checkpoint; empty = pretrained/<dataset>-<arch>.pt.")
     epochs: int = _f(10, "Training epochs.")
     batch_size: int = _f(128, "Batch size.")
     lr: float = _f(0.1, "Initial learning rate.")
@@ -78,51 +116,56 @@ class Config:
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")
     registered_model: str = _f("", "Registry name; empty = <dataset>-<student>-<mode>.")
-    temperature: float = _f(4.0, "Softmax temperature T of the KD term.")
-    alpha: float = _f(0.9, "Weight of the KD term; CE gets 1 - alpha.")
-    # --- mode-specific (see modes.py for which mode uses which, and per-mode defaults)
-    teachers: str = _f("resnet14,resnet20", "allkd: comma-separated teachers (architectures, checkpoints or models:/ URIs).")
-    teacher_epochs: int = _f(0, "allkd: epochs for teachers that must be trained first (0 = epochs).")
-    temperatures: str = _f("1,2,4,8,16", "kdparam: comma-separated temperatures of the grid.")
-    alphas: str = _f("0.1,0.5,0.7,0.9,1.0", "kdparam: comma-separated alphas of the grid.")
-    ensemble: str = _f("", "multikd: comma-separated >= 2 teacher checkpoints or models:/ URIs.")
-    assistants: str = _f("resnet14", "takd: comma-separated assistant architectures, teacher side first.")
-    triplet_margin: float = _f(0.2, "triplet: margin of the triplet loss on L2-normalised logits.")
-    triplet_weight: float = _f(1.0, "triplet: weight of the triplet term.")
-    uda_weight: float = _f(1.0, "uda: weight of the consistency term.")
-    uda_temperature: float = _f(0.4, "uda: sharpening temperature of the consistency target.")
-    uda_threshold: float = _f(0.8, "uda: confidence below which unlabelled samples are masked out.")
-    labeled_fraction: float = _f(1.0, "uda: fraction of training images that keep their labels.")
-    ab_epochs: int = _f(0, "ab: epochs of activation-boundary initialisation (0 = 10% of epochs, >= 1).")
-    ab_margin: float = _f(1.0, "ab: margin of the activation-boundary loss.")
-    beta: float = _f(1.0, "Weight of the feature term (oh 1e-3, pkd 100, sfd 1.0).")
-    rkd_distance_weight: float = _f(25.0, "rkd: weight of the distance-wise term.")
-    rkd_angle_weight: float = _f(50.0, "rkd: weight of the angle-wise term.")
+    # Each mode declares its own parameters (modes.py): they live in ``method`` and read
+    # as attributes, cfg.temperature like cfg.epochs.
+    method: dict = field(default_factory=dict, repr=False, metadata={"help": "", "choices": None})
 
     # ----------------------------------------------------------------- helpers
     @classmethod
     def for_mode(cls, mode: str, **values) -> "Config":
-        """A Config with the mode's own defaults (e.g. beta) under the given values."""
+        """A Config with the mode's own parameter defaults (e.g. beta) under the given values."""
         from .modes import MODES
 
-        defaults = dict(MODES[mode].defaults) if mode in MODES else {}
+        defaults = {p.name: p.default for p in MODES[mode].params} if mode in MODES else {}
         return cls(mode=mode, **{**defaults, **values})
 
     @classmethod
     def default_for(cls, mode: str, name: str):
-        from .modes import MODES
-
-        if mode in MODES and name in MODES[mode].defaults:
-            return MODES[mode].defaults[name]
-        return cls.field_info(name).default
+        return cls.parameter(name, mode).default
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+    def parameter(cls, name: str, mode: str | None = None) -> "Param":
+        """The declaration of ``name``: the mode's own Param, a common field as a Param, or
+        (no mode, or a name the mode lacks) the first mode's that declares it."""
+        from .modes import declared_parameter
 
-    @classmethod
-    def field_info(cls, name: str) -> dataclasses.Field:
-        return {f.name: f for f in dataclasses.fields(cls)}[name]
+        common = {f.name: f for f in dataclasses.fields(cls) if f.name != "method"}
+        if name in common:
+            f = common[name]
+            return Param(name, f.type, f.default, f.metadata["help"], choices=f.metadata["choices"])
+        found = declared_parameter(name, mode)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __post_init__(self):
+        from .modes import declared_parameter
+
+        unknown = [k for k in self.method if declared_parameter(k) is None]
+        if unknown:  # a typo in a parameter name fails here, not at the first forward pass
+            raise TypeError(f"Config got unknown parameter(s): {', '.join(unknown)}")
+
+    def __getattr__(self, name: str):
+        # Only reached for names that are not common fields: a mode's own parameters.
+        if name.startswith("__") or name == "method":
+            raise AttributeError(name)
+        method = self.__dict__.get("method", {})
+        if name in method:
+            return method[name]
+        try:
+            return type(self).parameter(name, self.__dict__.get("mode")).default
+        except KeyError:
+            raise AttributeError(f"Config has no parameter {name!r}") from None
 
     @property
     def network(self) -> str:
@@ -141,9 +184,6 @@ class Config:
 
         # `resume` says how to run, not what: the resumed run keeps its own params.
         return {name: getattr(self, name) for name in ("mode", *MODES[self.mode].fields) if name != "resume"}
-
-    def to_json(self) -> str:
-        return json.dumps(self.params(), indent=2, sort_keys=True)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -200,20 +240,17 @@ class Config:
         need(self.val_size >= 1, f"val_size must be >= 1, got {self.val_size}")
         need(self.test_subset >= 0, f"test_subset must be >= 0 (0 = all), got {self.test_subset}")
         for name in ("optimizer", "scheduler", "precision"):
-            choices = self.field_info(name).metadata["choices"]
+            choices = self.parameter(name).choices
             need(getattr(self, name) in choices,
                  f"unknown {name} {getattr(self, name)!r}; choose one of: {', '.join(choices)}")
         dev = self.device
         need(dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:"),
              f"unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
         self._validate_processes(need)
-        if "temperature" in uses:
-            need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        if "alpha" in uses:
-            need(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
-        self._validate_mode_specific(uses, need)
+        for param in MODES[self.mode].params:
+            problem = param.check(param.name, getattr(self, param.name), self) if param.check else None
+            need(problem is None, problem or "")
         return self
-
     def _validate_processes(self, need) -> None:
         n, dev = self.nproc_per_node, self.device
         need(n >= 1, f"nproc_per_node must be >= 1, got {n}; pass -P nproc_per_node=N (1 = no torchrun)")
@@ -232,47 +269,17 @@ class Config:
             need(n <= gpus, f"nproc_per_node={n} but this machine has {gpus} GPU(s); "
                             f"pass -P nproc_per_node={max(gpus, 1)} or -P device=cpu")
 
-    def _validate_mode_specific(self, uses: set, need) -> None:
-        from .models import ARCHITECTURES, is_known_architecture
 
-        if "teachers" in uses:
-            need(len(self.list_of("teachers")) >= 1,
-                 "teachers is empty; pass -P teachers=resnet14,resnet20 (architectures, checkpoints or models:/ URIs)")
-        if "teacher_epochs" in uses:
-            need(self.teacher_epochs >= 0, f"teacher_epochs must be >= 0 (0 = epochs), got {self.teacher_epochs}")
-        if "temperatures" in uses:
-            temps = self.floats_of("temperatures")
-            need(len(temps) >= 1, "temperatures is empty; e.g. -P temperatures=1,2,4,8,16")
-            need(all(t > 0 for t in temps), f"every temperature must be > 0, got {self.temperatures}")
-        if "alphas" in uses:
-            alphas = self.floats_of("alphas")
-            need(len(alphas) >= 1, "alphas is empty; e.g. -P alphas=0.1,0.5,0.9")
-            need(all(0 <= a <= 1 for a in alphas), f"every alpha must be in [0, 1], got {self.alphas}")
-        if "ensemble" in uses:
-            need(len(self.list_of("ensemble")) >= 2,
-                 f"multikd needs an ensemble of >= 2 teachers, got {len(self.list_of('ensemble'))}; "
-                 f"pass -P ensemble=ckpt1.pt,ckpt2.pt (files or models:/ URIs)")
-        if "assistants" in uses:
-            chain = self.list_of("assistants")
-            need(len(chain) >= 1, "takd needs at least one assistant; e.g. -P assistants=resnet14")
-            for arch in chain:
-                need(is_known_architecture(arch),
-                     f"unknown assistant architecture {arch!r}; choose from: {', '.join(ARCHITECTURES)}")
-        if "triplet_margin" in uses:
-            need(self.triplet_margin >= 0, f"triplet_margin must be >= 0, got {self.triplet_margin}")
-        for name in ("triplet_weight", "uda_weight", "beta", "rkd_distance_weight", "rkd_angle_weight"):
-            if name in uses:
-                need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        if "uda_temperature" in uses:
-            need(self.uda_temperature > 0, f"uda_temperature must be > 0, got {self.uda_temperature}")
-        if "uda_threshold" in uses:
-            need(0 <= self.uda_threshold <= 1, f"uda_threshold must be in [0, 1], got {self.uda_threshold}")
-        if "labeled_fraction" in uses:
-            need(0 < self.labeled_fraction <= 1, f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
-        if "ab_epochs" in uses:
-            need(self.ab_epochs >= 0, f"ab_epochs must be >= 0 (0 = 10% of epochs), got {self.ab_epochs}")
-            need(self.ab_init_epochs < self.epochs,
-                 f"ab needs more epochs ({self.epochs}) than its {self.ab_init_epochs} activation-boundary "
-                 f"epochs so KD can follow; raise -P epochs or lower -P ab_epochs")
-        if "ab_margin" in uses:
-            need(self.ab_margin > 0, f"ab_margin must be > 0, got {self.ab_margin}")
+COMMON_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "method")
+_dataclass_init = Config.__init__
+
+
+def _config_init(self, mode: str = "kd", method: dict | None = None, **values) -> None:
+    """Common fields as dataclass fields; every other keyword is a mode's parameter and
+    goes into ``method`` (dataclasses.replace passes ``method`` back in, changes on top)."""
+    common = {k: v for k, v in values.items() if k in COMMON_FIELDS}
+    own = {**(method or {}), **{k: v for k, v in values.items() if k not in COMMON_FIELDS}}
+    _dataclass_init(self, mode=mode, method=own, **common)
+
+
+Config.__init__ = _config_init

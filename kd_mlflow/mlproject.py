@@ -3,7 +3,6 @@ test fails when the committed file and the registry drift apart)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from .config import Config
@@ -30,14 +29,13 @@ def _yaml_scalar(value) -> str:
 
 def _entry(name: str, mode: str, command_prefix: str, fields, extra: dict | None = None) -> str:
     """``extra``: parameters that are not Config fields, {name: (mlproject type, default)}, listed first."""
-    types = {f.name: f for f in dataclasses.fields(Config)}
     lines = [f"  {name}:", "    parameters:"]
     for field_name, (mtype, default) in (extra or {}).items():
         lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(default)}}}")
     for field_name in fields:
-        f = types[field_name]
-        mtype = "float" if f.type in ("int", "float") else "string"
-        lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(Config.default_for(mode, field_name))}}}")
+        p = Config.parameter(field_name, mode)
+        mtype = "float" if p.type in ("int", "float") else "string"
+        lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(p.default)}}}")
     args = " ".join(f"--{n} {{{n}}}" for n in (*(extra or {}), *fields))
     lines.append(f'    command: "python entry_points/run.py {command_prefix} {args}"')
     return "\n".join(lines) + "\n"

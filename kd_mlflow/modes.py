@@ -1,14 +1,19 @@
 """The mode registry: the single list that the CLI, the MLproject and the runner read.
 
-A mode names the Config fields it uses (its parameters, in order) and the code that
-implements it, as a lazily imported ``module:attribute`` so that ``kd-mlflow --help``
-does not import torch.
+A mode lists the common Config fields it takes and declares its own parameters
+(:class:`~kd_mlflow.config.Param`: name, type, default, help, check) in its entry, next
+to the code that implements it, a lazily imported ``module:attribute`` so that
+``kd-mlflow --help`` does not import torch. Adding a method = its file in distillers/,
+its entry here, its test; the CLI, the MLproject (``kd-mlflow mlproject``), validation
+and the logged params follow from the entry.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from .config import ConfigError, Param, above, at_least, within
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
@@ -17,7 +22,53 @@ RUNTIME = ("seed", "device", "precision", "compile", "nproc_per_node", "experime
 # never tell runs apart by these).
 EXECUTION = ("device", "precision", "compile", "nproc_per_node", "data_dir", "experiment", "registered_model")
 PAIR = ("student", "teacher", "teacher_checkpoint")
-HINTON = ("temperature", "alpha")
+
+
+def _all(*checks):
+    def check(name, value, cfg):
+        return next((p for p in (c(name, value, cfg) for c in checks) if p), None)
+
+    return check
+
+
+def _nonempty_list(example: str):
+    return lambda name, v, cfg: None if cfg.list_of(name) else f"{name} is empty; e.g. -P {name}={example}"
+
+
+def _numbers(ok, rule: str):
+    def check(name, v, cfg):
+        values = cfg.floats_of(name)  # a ConfigError of its own when not numbers
+        return None if all(ok(x) for x in values) else f"every {rule}, got {v}"
+
+    return check
+
+
+def _architectures(name, v, cfg):
+    from .models import ARCHITECTURES, is_known_architecture
+
+    chain = cfg.list_of(name)
+    if not chain:
+        return "takd needs at least one assistant; e.g. -P assistants=resnet14"
+    bad = next((a for a in chain if not is_known_architecture(a)), None)
+    return None if bad is None else f"unknown assistant architecture {bad!r}; choose from: {', '.join(ARCHITECTURES)}"
+
+
+def _ab_epochs(name, v, cfg):
+    if v < 0:
+        return f"ab_epochs must be >= 0 (0 = 10% of epochs), got {v}"
+    if cfg.ab_init_epochs >= cfg.epochs:
+        return (f"ab needs more epochs ({cfg.epochs}) than its {cfg.ab_init_epochs} activation-boundary "
+                f"epochs so KD can follow; raise -P epochs or lower -P ab_epochs")
+    return None
+
+
+# ------------------------------------------------------- parameters several modes share
+TEMPERATURE = Param("temperature", "float", 4.0, "Softmax temperature T of the KD term.", above(0))
+ALPHA = Param("alpha", "float", 0.9, "Weight of the KD term; CE gets 1 - alpha.", within(0, 1))
+HINTON = (TEMPERATURE, ALPHA)
+LABELED_FRACTION = Param("labeled_fraction", "float", 1.0, "uda: fraction of training images that keep their labels.",
+                         within(0, 1, open_low=True))
+BETA = Param("beta", "float", 1.0, "Weight of the feature term (oh 1e-3, pkd 100, sfd 1.0).", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -25,16 +76,27 @@ class Mode:
     name: str
     summary: str
     kind: str  # "distiller" (one training), "teacher", or "strategy" (nested trainings)
-    fields: tuple
-    target: str | None = None  # "module:attr"; None = not implemented yet
+    parameters: tuple  # in order: names of common Config fields and the mode's own Params
+    target: str | None = None  # "module:attr"
     # Where the frozen teachers come from: "teacher" (teacher/teacher_checkpoint),
     # "ensemble" (the ensemble list), or "" (none, or the strategy resolves its own).
     teacher_source: str = "teacher"
-    defaults: dict = field(default_factory=dict)  # per-mode defaults that differ from Config's
-    issue: str = ""
+
+    @property
+    def fields(self) -> tuple:
+        """Every parameter name of the mode, in order: its MLflow params and CLI options."""
+        return tuple(p if isinstance(p, str) else p.name for p in self.parameters)
+
+    @property
+    def params(self) -> tuple:
+        """The mode's own parameters (the Params it declares)."""
+        return tuple(p for p in self.parameters if isinstance(p, Param))
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
 
     def load(self):
-        """The implementing class or function; a clear ConfigError if it does not exist yet."""
+        """The implementing class or function; a clear ConfigError if it does not exist."""
         module, attr = (self.target or ":").split(":")
         try:
             return getattr(importlib.import_module(module), attr)
@@ -43,9 +105,7 @@ class Mode:
                 raise  # a real missing dependency, not a missing mode
         except (AttributeError, ValueError):
             pass
-        from .config import ConfigError
-
-        raise ConfigError(f"mode {self.name!r} is not implemented yet; {self.issue or 'see the README'}")
+        raise ConfigError(f"mode {self.name!r} has no implementation at {self.target}")
 
 
 COMMON = (*DATA, *PAIR, *OPTIM, *RUNTIME)
@@ -55,44 +115,94 @@ def _kd(*extra) -> tuple:
     return (*DATA, *PAIR, *HINTON, *extra, *OPTIM, *RUNTIME)
 
 
+def _features(*extra) -> tuple:
+    return (*DATA, *PAIR, *extra, *OPTIM, *RUNTIME)
+
+
 _ALL = [
     Mode("nokd", "Student trained with cross-entropy only (the baseline).", "distiller",
-         (*DATA, *PAIR, "labeled_fraction", *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
+         (*DATA, *PAIR, LABELED_FRACTION, *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
     Mode("kd", "Hinton et al. knowledge distillation from one frozen teacher.", "distiller",
-         _kd("labeled_fraction"), "kd_mlflow.distillers.kd:HintonKD"),
+         _kd(LABELED_FRACTION), "kd_mlflow.distillers.kd:HintonKD"),
     Mode("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy",
-         (*DATA, "student", "teachers", "teacher_epochs", *HINTON, *OPTIM, *RUNTIME),
+         (*DATA, "student",
+          Param("teachers", "str", "resnet14,resnet20",
+                "allkd: comma-separated teachers (architectures, checkpoints or models:/ URIs).",
+                lambda name, v, cfg: None if cfg.list_of(name) else
+                "teachers is empty; pass -P teachers=resnet14,resnet20 (architectures, checkpoints or models:/ URIs)"),
+          Param("teacher_epochs", "int", 0, "allkd: epochs for teachers that must be trained first (0 = epochs).",
+                at_least(0, " (0 = epochs)")),
+          *HINTON, *OPTIM, *RUNTIME),
          "kd_mlflow.strategies:allkd", teacher_source=""),
     Mode("kdparam", "Grid search over KD temperature x alpha, one nested run per pair.", "strategy",
-         (*DATA, *PAIR, "temperatures", "alphas", *OPTIM, *RUNTIME), "kd_mlflow.strategies:kdparam"),
+         (*DATA, *PAIR,
+          Param("temperatures", "str", "1,2,4,8,16", "kdparam: comma-separated temperatures of the grid.",
+                _all(_nonempty_list("1,2,4,8,16"), _numbers(lambda t: t > 0, "temperature must be > 0"))),
+          Param("alphas", "str", "0.1,0.5,0.7,0.9,1.0", "kdparam: comma-separated alphas of the grid.",
+                _all(_nonempty_list("0.1,0.5,0.9"), _numbers(lambda a: 0 <= a <= 1, "alpha must be in [0, 1]"))),
+          *OPTIM, *RUNTIME), "kd_mlflow.strategies:kdparam"),
     Mode("triplet", "KD plus a triplet loss on L2-normalised logits (hardest in-batch negative).", "distiller",
-         _kd("triplet_margin", "triplet_weight"), "kd_mlflow.distillers.triplet:TripletKD"),
+         _kd(Param("triplet_margin", "float", 0.2, "triplet: margin of the triplet loss on L2-normalised logits.",
+                   at_least(0)),
+             Param("triplet_weight", "float", 1.0, "triplet: weight of the triplet term.", at_least(0))),
+         "kd_mlflow.distillers.triplet:TripletKD"),
     Mode("multikd", "KD from the averaged KL to each member of a teacher ensemble.", "distiller",
-         (*DATA, "student", "ensemble", *HINTON, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD",
-         teacher_source="ensemble"),
+         (*DATA, "student",
+          Param("ensemble", "str", "", "multikd: comma-separated >= 2 teacher checkpoints or models:/ URIs.",
+                lambda name, v, cfg: None if len(cfg.list_of(name)) >= 2 else
+                f"multikd needs an ensemble of >= 2 teachers, got {len(cfg.list_of(name))}; "
+                f"pass -P ensemble=ckpt1.pt,ckpt2.pt (files or models:/ URIs)"),
+          *HINTON, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD", teacher_source="ensemble"),
     Mode("uda", "KD on clean and RandAugment views plus UDA consistency on unlabelled data.", "distiller",
-         _kd("uda_weight", "uda_temperature", "uda_threshold", "labeled_fraction"),
+         _kd(Param("uda_weight", "float", 1.0, "uda: weight of the consistency term.", at_least(0)),
+             Param("uda_temperature", "float", 0.4, "uda: sharpening temperature of the consistency target.",
+                   above(0)),
+             Param("uda_threshold", "float", 0.8,
+                   "uda: confidence below which unlabelled samples are masked out.", within(0, 1)),
+             LABELED_FRACTION),
          "kd_mlflow.distillers.uda:UDAKD"),
     Mode("takd", "Teacher-assistant chain: KD teacher -> assistants -> student, one nested run per link.",
-         "strategy", _kd("assistants"), "kd_mlflow.strategies:takd"),
+         "strategy",
+         _kd(Param("assistants", "str", "resnet14", "takd: comma-separated assistant architectures, teacher side first.",
+                   _architectures)),
+         "kd_mlflow.strategies:takd"),
     Mode("ab", "Activation-boundary transfer on pre-ReLU stage features, then KD.", "distiller",
-         _kd("ab_epochs", "ab_margin"), "kd_mlflow.distillers.ab:ActivationBoundaries"),
+         _kd(Param("ab_epochs", "int", 0, "ab: epochs of activation-boundary initialisation (0 = 10% of epochs, >= 1).",
+                   _ab_epochs),
+             Param("ab_margin", "float", 1.0, "ab: margin of the activation-boundary loss.", above(0))),
+         "kd_mlflow.distillers.ab:ActivationBoundaries"),
     Mode("oh", "Overhaul of feature distillation: pre-ReLU features, teacher-BN margins, partial L2.",
-         "distiller", (*COMMON[:len(DATA) + len(PAIR)], "beta", *OPTIM, *RUNTIME),
-         "kd_mlflow.distillers.oh:Overhaul", defaults={"beta": 1e-3}),
+         "distiller", _features(BETA.but(default=1e-3)), "kd_mlflow.distillers.oh:Overhaul"),
     Mode("rkd", "KD plus relational distance- and angle-wise losses on embeddings.", "distiller",
-         _kd("rkd_distance_weight", "rkd_angle_weight"), "kd_mlflow.distillers.rkd:RelationalKD"),
+         _kd(Param("rkd_distance_weight", "float", 25.0, "rkd: weight of the distance-wise term.", at_least(0)),
+             Param("rkd_angle_weight", "float", 50.0, "rkd: weight of the angle-wise term.", at_least(0))),
+         "kd_mlflow.distillers.rkd:RelationalKD"),
     Mode("pkd", "KD plus patient (normalised pooled stage feature) losses.", "distiller",
-         _kd("beta"), "kd_mlflow.distillers.pkd:PatientKD", defaults={"beta": 100.0}),
+         _kd(BETA.but(default=100.0)), "kd_mlflow.distillers.pkd:PatientKD"),
     Mode("sfd", "CE plus L2 between global-max-pooled student (via connector) and teacher stage features.",
-         "distiller", (*COMMON[:len(DATA) + len(PAIR)], "beta", *OPTIM, *RUNTIME),
-         "kd_mlflow.distillers.sfd:SimpleFeatureKD", defaults={"beta": 1.0}),
+         "distiller", _features(BETA.but(default=1.0)), "kd_mlflow.distillers.sfd:SimpleFeatureKD"),
     Mode("teacher", "Train a network with cross-entropy and write a teacher checkpoint.", "teacher",
-         ("dataset", "arch", "output", "data_dir", "train_subset", "val_size", "test_subset",
-          *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
+         ("dataset",
+          Param("arch", "str", "resnet20", "Architecture of the network the teacher entry point trains."),
+          Param("output", "str", "",
+                "Where the teacher entry point writes its checkpoint; empty = pretrained/<dataset>-<arch>.pt."),
+          "data_dir", "train_subset", "val_size", "test_subset", *OPTIM, *RUNTIME),
+         "kd_mlflow.distillers.base:NoKD", teacher_source=""),
 ]
 
 # Single trainings can continue from their last epoch checkpoint; strategies cannot (yet).
-_ALL = [m if m.kind == "strategy" else replace(m, fields=(*m.fields, "resume")) for m in _ALL]
+_ALL = [m if m.kind == "strategy" else replace(m, parameters=(*m.parameters, "resume")) for m in _ALL]
 MODES: dict[str, Mode] = {m.name: m for m in _ALL}
 DISTILLATION_MODES = [m for m in MODES if m != "teacher"]
+
+
+def declared_parameter(name: str, mode: str | None = None) -> Param | None:
+    """The Param ``mode`` declares as ``name``; else the first mode's of that name (a
+    parameter read on a mode that lacks it takes that default); None if no mode has it."""
+    if mode in MODES and MODES[mode].param(name) is not None:
+        return MODES[mode].param(name)
+    return next((m.param(name) for m in MODES.values() if m.param(name) is not None), None)
+
+
+def modes_taking(name: str) -> list[str]:
+    return [m.name for m in MODES.values() if name in m.fields]

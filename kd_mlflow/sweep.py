@@ -33,9 +33,9 @@ def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict) -> 
     if mode not in MODES or MODES[mode].kind != "distiller":
         singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
         raise ConfigError(f"sweep trains single-training modes; {mode!r} is not one of: {', '.join(singles)}")
-    if param not in MODES[mode].fields or param not in Config.field_names():
+    if param not in MODES[mode].fields:
         raise ConfigError(f"{mode} has no parameter {param!r}; its parameters are: {', '.join(MODES[mode].fields)}")
-    kind = Config.field_info(param).type
+    kind = Config.parameter(param, mode).type
     if kind not in ("int", "float", int, float):
         raise ConfigError(f"sweep varies a numeric parameter; {param} is a {kind}")
     cast = int if kind in ("int", int) else float
