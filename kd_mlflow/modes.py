@@ -66,6 +66,10 @@ def _ab_epochs(name, v, cfg):
 TEMPERATURE = Param("temperature", "float", 4.0, "Softmax temperature T of the KD term.", above(0))
 ALPHA = Param("alpha", "float", 0.9, "Weight of the KD term; CE gets 1 - alpha.", within(0, 1))
 HINTON = (TEMPERATURE, ALPHA)
+LOGIT_STANDARDIZATION = Param(
+    "logit_standardization", "bool", False,
+    "Z-score each sample's teacher and student logits (mean 0, sample std 1) before the temperature "
+    "(Sun et al., CVPR 2024).")
 LABELED_FRACTION = Param("labeled_fraction", "float", 1.0, "uda: fraction of training images that keep their labels.",
                          within(0, 1, open_low=True))
 BETA = Param("beta", "float", 1.0, "Weight of the feature term (oh 1e-3, pkd 100, sfd 1.0).", at_least(0))
@@ -119,11 +123,13 @@ def _features(*extra) -> tuple:
     return (*DATA, *PAIR, *extra, *OPTIM, *RUNTIME)
 
 
+LS = LOGIT_STANDARDIZATION  # on every mode whose loss compares logits
+
 _ALL = [
     Mode("nokd", "Student trained with cross-entropy only (the baseline).", "distiller",
          (*DATA, *PAIR, LABELED_FRACTION, *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
     Mode("kd", "Hinton et al. knowledge distillation from one frozen teacher.", "distiller",
-         _kd(LABELED_FRACTION), "kd_mlflow.distillers.kd:HintonKD"),
+         _kd(LABELED_FRACTION, LS), "kd_mlflow.distillers.kd:HintonKD"),
     Mode("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy",
          (*DATA, "student",
           Param("teachers", "str", "resnet14,resnet20",
@@ -132,7 +138,7 @@ _ALL = [
                 "teachers is empty; pass -P teachers=resnet14,resnet20 (architectures, checkpoints or models:/ URIs)"),
           Param("teacher_epochs", "int", 0, "allkd: epochs for teachers that must be trained first (0 = epochs).",
                 at_least(0, " (0 = epochs)")),
-          *HINTON, *OPTIM, *RUNTIME),
+          *HINTON, LS, *OPTIM, *RUNTIME),
          "kd_mlflow.strategies:allkd", teacher_source=""),
     Mode("kdparam", "Grid search over KD temperature x alpha, one nested run per pair.", "strategy",
          (*DATA, *PAIR,
@@ -140,11 +146,11 @@ _ALL = [
                 _all(_nonempty_list("1,2,4,8,16"), _numbers(lambda t: t > 0, "temperature must be > 0"))),
           Param("alphas", "str", "0.1,0.5,0.7,0.9,1.0", "kdparam: comma-separated alphas of the grid.",
                 _all(_nonempty_list("0.1,0.5,0.9"), _numbers(lambda a: 0 <= a <= 1, "alpha must be in [0, 1]"))),
-          *OPTIM, *RUNTIME), "kd_mlflow.strategies:kdparam"),
+          LS, *OPTIM, *RUNTIME), "kd_mlflow.strategies:kdparam"),
     Mode("triplet", "KD plus a triplet loss on L2-normalised logits (hardest in-batch negative).", "distiller",
          _kd(Param("triplet_margin", "float", 0.2, "triplet: margin of the triplet loss on L2-normalised logits.",
                    at_least(0)),
-             Param("triplet_weight", "float", 1.0, "triplet: weight of the triplet term.", at_least(0))),
+             Param("triplet_weight", "float", 1.0, "triplet: weight of the triplet term.", at_least(0)), LS),
          "kd_mlflow.distillers.triplet:TripletKD"),
     Mode("multikd", "KD from the averaged KL to each member of a teacher ensemble.", "distiller",
          (*DATA, "student",
@@ -152,19 +158,19 @@ _ALL = [
                 lambda name, v, cfg: None if len(cfg.list_of(name)) >= 2 else
                 f"multikd needs an ensemble of >= 2 teachers, got {len(cfg.list_of(name))}; "
                 f"pass -P ensemble=ckpt1.pt,ckpt2.pt (files or models:/ URIs)"),
-          *HINTON, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD", teacher_source="ensemble"),
+          *HINTON, LS, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD", teacher_source="ensemble"),
     Mode("uda", "KD on clean and RandAugment views plus UDA consistency on unlabelled data.", "distiller",
          _kd(Param("uda_weight", "float", 1.0, "uda: weight of the consistency term.", at_least(0)),
              Param("uda_temperature", "float", 0.4, "uda: sharpening temperature of the consistency target.",
                    above(0)),
              Param("uda_threshold", "float", 0.8,
                    "uda: confidence below which unlabelled samples are masked out.", within(0, 1)),
-             LABELED_FRACTION),
+             LABELED_FRACTION, LS),
          "kd_mlflow.distillers.uda:UDAKD"),
     Mode("takd", "Teacher-assistant chain: KD teacher -> assistants -> student, one nested run per link.",
          "strategy",
          _kd(Param("assistants", "str", "resnet14", "takd: comma-separated assistant architectures, teacher side first.",
-                   _architectures)),
+                   _architectures), LS),
          "kd_mlflow.strategies:takd"),
     Mode("ab", "Activation-boundary transfer on pre-ReLU stage features, then KD.", "distiller",
          _kd(Param("ab_epochs", "int", 0, "ab: epochs of activation-boundary initialisation (0 = 10% of epochs, >= 1).",
@@ -181,6 +187,22 @@ _ALL = [
          _kd(BETA.but(default=100.0)), "kd_mlflow.distillers.pkd:PatientKD"),
     Mode("sfd", "CE plus L2 between global-max-pooled student (via connector) and teacher stage features.",
          "distiller", _features(BETA.but(default=1.0)), "kd_mlflow.distillers.sfd:SimpleFeatureKD"),
+    Mode("dkd", "Decoupled KD: CE plus target-class and non-target-class KD, separately weighted, warmed up.",
+         "distiller",
+         (*DATA, *PAIR, TEMPERATURE,
+          Param("dkd_alpha", "float", 1.0, "dkd: weight of TCKD (target-class KD).", at_least(0)),
+          Param("dkd_beta", "float", 8.0, "dkd: weight of NCKD (non-target-class KD).", at_least(0)),
+          Param("dkd_warmup", "int", 20, "dkd: epochs of linear warm-up of the DKD terms (scaled to the run "
+                                         "when longer; 0 = none).", at_least(0)),
+          LS, *OPTIM, *RUNTIME),
+         "kd_mlflow.distillers.dkd:DecoupledKD"),
+    Mode("dist", "DIST: CE plus inter- and intra-class Pearson-correlation relations of the probabilities.",
+         "distiller",
+         (*DATA, *PAIR, TEMPERATURE,
+          Param("dist_beta", "float", 2.0, "dist: weight of the inter-class relation term.", at_least(0)),
+          Param("dist_gamma", "float", 2.0, "dist: weight of the intra-class relation term.", at_least(0)),
+          LS, *OPTIM, *RUNTIME),
+         "kd_mlflow.distillers.dist:DIST"),
     Mode("teacher", "Train a network with cross-entropy and write a teacher checkpoint.", "teacher",
          ("dataset",
           Param("arch", "str", "resnet20", "Architecture of the network the teacher entry point trains."),

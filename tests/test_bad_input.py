@@ -71,6 +71,16 @@ def assert_clean_error(result, *needles):
     (["train", "kd", "--device", "tpu"], ["unknown device 'tpu'"]),
     (["train", "kd", "--teacher-checkpoint", "nope/missing.pt"], ["nope/missing.pt does not exist", "-e teacher"]),
     (["train", "nokd", "--train-subset", "999999"], ["train_subset=999999 is larger than"]),
+    (["train", "dkd", "--dkd-beta", "-1"], ["dkd_beta must be >= 0, got -1.0"]),
+    (["train", "dkd", "--dkd-alpha", "-0.5"], ["dkd_alpha must be >= 0"]),
+    (["train", "dkd", "--dkd-warmup", "-1"], ["dkd_warmup must be >= 0"]),
+    (["train", "dist", "--dist-gamma", "-2"], ["dist_gamma must be >= 0"]),
+    (["train", "dist", "--dist-beta", "-2"], ["dist_beta must be >= 0"]),
+    (["train", "triplet", "--triplet-weight", "-1"], ["triplet_weight must be >= 0"]),
+    # logits are not what feature modes compare: one line naming the modes that take it
+    (["train", "oh", "--logit-standardization", "true"], ["mode oh has no parameter logit_standardization",
+                                                          "kd", "dkd", "dist"]),
+    (["train", "pkd", "--logit_standardization=true"], ["mode pkd has no parameter logit_standardization"]),
 ])
 def test_bad_parameter(workdir, args, needles):
     assert_clean_error(invoke([*args, *TINY[:0]]), *needles)

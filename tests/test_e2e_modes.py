@@ -7,19 +7,31 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY, mlflow_run, runs_of, unique_experiment
+from kd_mlflow.modes import MODES
 
 pytestmark = pytest.mark.e2e
 
 ONE_EPOCH = {**TINY, "epochs": 1}
 
-SINGLE = {
-    "triplet": ({}, ("ce", "kd", "triplet")),
-    "uda": ({"labeled_fraction": 0.5}, ("ce", "kd", "kd_strong", "uda")),
-    "oh": ({}, ("ce", "oh")),
-    "rkd": ({}, ("ce", "kd", "rkd_distance", "rkd_angle")),
-    "pkd": ({}, ("ce", "kd", "pkd")),
-    "sfd": ({}, ("ce", "sfd")),
+# Every single-training mode of the registry runs here, except those with a test of their
+# own (below, or nokd/kd in test_e2e_core.py). Extra parameters and the loss terms to expect:
+OWN_TEST = {"nokd", "kd", "ab", "multikd"}
+EXTRA = {
+    "uda": {"labeled_fraction": 0.5},
+    "dist": {"logit_standardization": "true"},  # a boolean parameter through -P
 }
+TERMS = {
+    "triplet": ("ce", "kd", "triplet"),
+    "uda": ("ce", "kd", "kd_strong", "uda"),
+    "oh": ("ce", "oh"),
+    "rkd": ("ce", "kd", "rkd_distance", "rkd_angle"),
+    "pkd": ("ce", "kd", "pkd"),
+    "sfd": ("ce", "sfd"),
+    "dkd": ("ce", "tckd", "nckd"),
+    "dist": ("ce", "dist_inter", "dist_intra"),
+}
+SINGLE = {m: (EXTRA.get(m, {}), TERMS.get(m, ("ce",)))
+          for m, spec in MODES.items() if spec.kind == "distiller" and m not in OWN_TEST}
 
 
 def _check_single(client, run, mode, terms):
@@ -39,6 +51,8 @@ def test_single_training_mode(mode, teacher_run, mlflow_server):
     client, runs = runs_of(mlflow_server, experiment)
     assert len(runs) == 1
     _check_single(client, runs[0], mode, terms)
+    for name, value in extra.items():
+        assert runs[0].data.params[name].lower() == str(value).lower(), name
     versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
     assert runs[0].info.run_id in {v.run_id for v in versions}
 

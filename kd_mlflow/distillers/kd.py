@@ -6,25 +6,48 @@ import torch.nn.functional as F
 from .base import Distiller
 
 
-def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch.
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each sample's logits (last axis)
+    z-scored, ``(z - mean) / (std + 1e-7)`` with the sample (n - 1) standard deviation,
+    in fp32. Applied to teacher and student alike before the temperature, it lets the
+    student match the teacher's logit *relations* without matching their range."""
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + STANDARDIZE_EPS)
+
+
+def compared_logits(student_logits, teacher_logits, standardize: bool):
+    """The logits a loss compares, in fp32: z-scored when ``standardize``."""
+    if standardize:
+        return standardize_logits(student_logits), standardize_logits(teacher_logits)
+    return student_logits.float(), teacher_logits.float()
+
+
+def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   standardize: bool = False) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch;
+    ``standardize``: s and t z-scored per sample first (:func:`standardize_logits`).
 
     The T^2 factor keeps the gradient scale of the soft term independent of T
     (Hinton et al., 2015). Computed in fp32 whatever the autocast precision: a KL of
     two near-equal distributions loses everything in bf16.
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    student_logits, teacher_logits = compared_logits(student_logits, teacher_logits, standardize)
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
 def hinton_terms(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, cfg) -> dict:
-    """Hinton's two terms, weighted: {"ce": (1 - alpha) CE, "kd": alpha T^2 KL}."""
+    """Hinton's two terms, weighted: {"ce": (1 - alpha) CE, "kd": alpha T^2 KL} (the KL on
+    standardized logits where the mode takes logit_standardization and it is on)."""
     a = cfg.alpha
     return {
         "ce": (1 - a) * F.cross_entropy(logits.float(), y),
-        "kd": a * hinton_kd_loss(logits, teacher_logits, cfg.temperature),
+        "kd": a * hinton_kd_loss(logits, teacher_logits, cfg.temperature, cfg.logit_standardization),
     }
 
 
@@ -37,20 +60,23 @@ class HintonKD(Distiller):
         return logits, hinton_terms(logits, t_logits, y, self.cfg)
 
 
-def multi_teacher_kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float) -> torch.Tensor:
+def multi_teacher_kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float,
+                          standardize: bool = False) -> torch.Tensor:
     """T^2 * (1/K) * sum_k KL(softmax(t_k/T) || softmax(s/T)), each KL summed over classes
     and averaged over the batch (batchmean).
 
     ``teacher_logits`` is a sequence of K (B, C) tensors or one (K, B, C) tensor. This is
     the mean of the K per-teacher KL terms, not the KL to the averaged teacher
     distribution: each member pulls the student towards its own soft labels.
+    ``standardize``: every logit vector z-scored per sample first.
     """
     t = temperature
     if not torch.is_tensor(teacher_logits):
         teacher_logits = torch.stack([z.float() for z in teacher_logits])
     k, b = teacher_logits.shape[0], teacher_logits.shape[1]
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=2)
+    student_logits, teacher_logits = compared_logits(student_logits, teacher_logits, standardize)
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=2)
     kl_sum = F.kl_div(log_p_s.unsqueeze(0).expand_as(log_p_t), log_p_t, reduction="sum", log_target=True)
     return kl_sum / (k * b) * (t * t)
 
@@ -78,5 +104,5 @@ class MultiTeacherKD(Distiller):
         a = self.cfg.alpha
         return logits, {
             "ce": (1 - a) * F.cross_entropy(logits.float(), y),
-            "kd": a * multi_teacher_kd_loss(logits, t_logits, self.cfg.temperature),
+            "kd": a * multi_teacher_kd_loss(logits, t_logits, self.cfg.temperature, self.cfg.logit_standardization),
         }

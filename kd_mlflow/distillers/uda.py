@@ -141,10 +141,10 @@ class UDAKD(Distiller):
         s_clean, s_strong, s_u, s_u_strong = torch.split(s_logits, [b, b, bu, bu])
         t_clean, t_strong = t_logits[:b], t_logits[b:]
 
-        a, temp = cfg.alpha, cfg.temperature
+        a, temp, ls = cfg.alpha, cfg.temperature, cfg.logit_standardization
         return s_clean, {
             "ce": (1 - a) * F.cross_entropy(s_clean.float(), y),
-            "kd": a * hinton_kd_loss(s_clean, t_clean, temp),
-            "kd_strong": a * hinton_kd_loss(s_strong, t_strong, temp),
+            "kd": a * hinton_kd_loss(s_clean, t_clean, temp, ls),
+            "kd_strong": a * hinton_kd_loss(s_strong, t_strong, temp, ls),
             "uda": cfg.uda_weight * uda_consistency_loss(s_u, s_u_strong, cfg.uda_temperature, cfg.uda_threshold),
         }
