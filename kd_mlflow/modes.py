@@ -72,7 +72,7 @@ LOGIT_STANDARDIZATION = Param(
     "(Sun et al., CVPR 2024).")
 LABELED_FRACTION = Param("labeled_fraction", "float", 1.0, "uda: fraction of training images that keep their labels.",
                          within(0, 1, open_low=True))
-BETA = Param("beta", "float", 1.0, "Weight of the feature term (oh 1e-3, pkd 100, sfd 1.0).", at_least(0))
+BETA = Param("beta", "float", 1.0, "Weight of the feature term (oh 1e-3, pkd 10, sfd 0.3).", at_least(0))
 
 
 @dataclass(frozen=True)
@@ -184,9 +184,9 @@ _ALL = [
              Param("rkd_angle_weight", "float", 50.0, "rkd: weight of the angle-wise term.", at_least(0))),
          "kd_mlflow.distillers.rkd:RelationalKD"),
     Mode("pkd", "KD plus patient (normalised pooled stage feature) losses.", "distiller",
-         _kd(BETA.but(default=100.0)), "kd_mlflow.distillers.pkd:PatientKD"),
+         _kd(BETA.but(default=10.0)), "kd_mlflow.distillers.pkd:PatientKD"),
     Mode("sfd", "CE plus L2 between global-max-pooled student (via connector) and teacher stage features.",
-         "distiller", _features(BETA.but(default=1.0)), "kd_mlflow.distillers.sfd:SimpleFeatureKD"),
+         "distiller", _features(BETA.but(default=0.3)), "kd_mlflow.distillers.sfd:SimpleFeatureKD"),
     Mode("dkd", "Decoupled KD: CE plus target-class and non-target-class KD, separately weighted, warmed up.",
          "distiller",
          (*DATA, *PAIR, TEMPERATURE,

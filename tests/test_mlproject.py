@@ -38,7 +38,7 @@ def test_every_mode_is_an_entry_point_with_its_parameters():
             assert str(params[field]["default"]) == expected, (name, field)
     assert entry["teacher"]["parameters"]["arch"]["default"] == "resnet20"
     assert entry["oh"]["parameters"]["beta"]["default"] == 0.001
-    assert entry["pkd"]["parameters"]["beta"]["default"] == 100.0
+    assert entry["pkd"]["parameters"]["beta"]["default"] == 10.0
 
 
 def test_cli_lists_commands_and_every_parameter_with_default():

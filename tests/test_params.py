@@ -26,8 +26,8 @@ def test_config_keeps_only_common_fields_and_modes_declare_the_rest():
         own = {p.name for p in mode.params}
         assert own.isdisjoint(COMMON_FIELDS), mode.name
         assert set(mode.fields) - own <= set(COMMON_FIELDS), mode.name
-    assert Config.for_mode("oh").beta == 1e-3 and Config.for_mode("pkd").beta == 100.0
-    assert Config.parameter("beta", "sfd").default == 1.0
+    assert Config.for_mode("oh").beta == 1e-3 and Config.for_mode("pkd").beta == 10.0
+    assert Config.parameter("beta", "sfd").default == 0.3
     cfg = Config.for_mode("triplet", triplet_margin=0.3)
     assert cfg.triplet_margin == 0.3 and cfg.replace(triplet_margin=0.5).triplet_margin == 0.5
     assert cfg.params()["triplet_margin"] == 0.3
