@@ -117,7 +117,8 @@ benchmark-summary: setup
 	@for exp in fmnist-benchmark fmnist-benchmark-semisup; do \
 	  out=$$(mktemp -d) && \
 	  (cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db \
-	    $(CURDIR)/$(BIN)/kd-mlflow compare --experiment $$exp --output-dir $$out > /dev/null) && \
+	    $(CURDIR)/$(BIN)/kd-mlflow compare --experiment $$exp --output-dir $$out > /dev/null) || \
+	    { echo "$$exp: nothing to summarise yet"; rm -rf $$out; continue; }; \
 	  name=$$(echo $$exp | sed 's/fmnist-benchmark/fashion_mnist/') && \
 	  cp $$out/summary.csv docs/benchmark/$$name.csv && cp $$out/runs.csv docs/benchmark/$$name-runs.csv && \
 	  cp $$out/summary.md docs/benchmark/$$name.md && \
