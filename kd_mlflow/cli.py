@@ -11,6 +11,7 @@ import sys
 import click
 
 from .config import BACKEND_ENV, DEFAULT_ARTIFACTS, DEFAULT_BACKEND_STORE_URI, Config, ConfigError
+from .tracking import shown_tracking_uri
 from .modes import DISTILLATION_MODES, MODES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": click.BOOL}
@@ -125,7 +126,7 @@ def run_config(cfg: Config) -> None:
     click.echo(f"  run id        {result.run_id}")
     if result.registered_model:
         click.echo(f"  registered    models:/{result.registered_model}/{result.version}")
-    click.echo(f"  tracking URI  {_tracking_uri()}")
+    click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
 
 
@@ -142,16 +143,8 @@ def _exit_if_offline() -> None:
         sys.exit(EXIT_OFFLINE)
 
 
-def _tracking_uri() -> str:
-    import mlflow
-
-    from .tracking import redact
-
-    return redact(mlflow.get_tracking_uri())
-
-
 def _ui_hint() -> str:
-    uri = _tracking_uri()
+    uri = shown_tracking_uri()
     if uri.startswith(("http://", "https://")):
         return f"browse {uri}"
     return f"mlflow ui --backend-store-uri {uri}  (then browse http://127.0.0.1:5000)"
@@ -298,7 +291,7 @@ def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
         result = run_benchmark(modes, seeds, register=bool(register), echo=click.echo, **values)
     except ConfigError as exc:
         _fail(exc)
-    click.echo(f"  tracking URI  {_tracking_uri()}")
+    click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
     if result.failed:
         sys.exit(1)
@@ -320,7 +313,7 @@ def sweep_command(mode: str, param: str, grid: str, output: str, seeds: int, **v
         result = run_sweep(mode, param, grid, seeds, output=output, echo=click.echo, **values)
     except ConfigError as exc:
         _fail(exc)
-    click.echo(f"  tracking URI  {_tracking_uri()}")
+    click.echo(f"  tracking URI  {shown_tracking_uri()}")
     if result.failed:
         sys.exit(1)
 
@@ -355,7 +348,7 @@ def models_list_command(name_contains: str, latest: bool) -> None:
     table = model_table(name_contains=name_contains, all_versions=not latest)
     if not len(table):
         click.echo(f"no registered models{' matching ' + repr(name_contains) if name_contains else ''} "
-                   f"at {_tracking_uri()}")
+                   f"at {shown_tracking_uri()}")
         return
     click.echo(format_table(table))
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Config, ConfigError
+from .tracking import shown_tracking_uri
 from .modes import DISTILLATION_MODES, EXECUTION, MODES, OPTIM
 
 # Settings every mode has and that must agree for numbers to be comparable across
@@ -445,7 +446,7 @@ def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histori
         except Exception:
             exp = None
     if exp is None:
-        raise ConfigError(f"experiment {experiment!r} does not exist at {_tracking_uri()}; "
+        raise ConfigError(f"experiment {experiment!r} does not exist at {shown_tracking_uri()}; "
                           f"pass the name of an experiment with runs (see the MLflow UI)")
     runs = counted_runs(search_all_runs(client, exp.experiment_id), skip_run_ids)
     included, excluded, settings = select_runs(runs)
@@ -453,14 +454,6 @@ def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histori
     excluded_frame = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
     return Comparison(exp.name, exp.experiment_id, summarize(frame), frame, excluded_frame, settings,
                       val_acc_histories(client, frame) if histories else pd.DataFrame())
-
-
-def _tracking_uri() -> str:
-    import mlflow
-
-    from .tracking import redact
-
-    return redact(mlflow.get_tracking_uri())
 
 
 # ------------------------------------------------------------------- rendering

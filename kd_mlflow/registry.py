@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
+from .tracking import shown_registry_uri
 
 CHAMPION = "champion"
 
@@ -208,9 +209,9 @@ def resolve(client, ref: ModelRef):
         versions = versions_of(client, ref.name)
     except Exception as exc:
         raise ConfigError(f"{ref.uri if (ref.alias or ref.version) else ref.name} is not in the registry at "
-                          f"{_registry_uri()} ({_first_line(exc)}); see `kd-mlflow models list`") from exc
+                          f"{shown_registry_uri()} ({_first_line(exc)}); see `kd-mlflow models list`") from exc
     if not versions:
-        raise ConfigError(f"registered model {ref.name!r} has no versions at {_registry_uri()}; "
+        raise ConfigError(f"registered model {ref.name!r} has no versions at {shown_registry_uri()}; "
                           f"see `kd-mlflow models list`")
     return versions[-1]
 
@@ -234,12 +235,6 @@ def pull(spec: str, out_dir, client=None):
     return Path(local), version
 
 
-def _registry_uri() -> str:
-    import mlflow
-
-    from .tracking import redact
-
-    return redact(mlflow.get_registry_uri())
 
 
 def _first_line(exc: Exception) -> str:

@@ -222,7 +222,7 @@ def _parents_first(directories: list[Path]) -> list[Path]:
 
 
 def sync(path: str | Path, echo=print) -> list[str]:
-    from .tracking import check_tracking_server, redact
+    from .tracking import check_tracking_server, shown_tracking_uri
 
     import mlflow
 
@@ -230,7 +230,7 @@ def sync(path: str | Path, echo=print) -> list[str]:
     if not directories:
         raise ConfigError(f"no offline run directories (offline/run.json) under {path}; nothing to sync")
     check_tracking_server()
-    echo(f"syncing {len(directories)} offline run(s) to {redact(mlflow.get_tracking_uri())}")
+    echo(f"syncing {len(directories)} offline run(s) to {shown_tracking_uri()}")
     synced = []
     for directory in directories:
         echo(f"{directory}:")

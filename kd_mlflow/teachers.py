@@ -36,13 +36,13 @@ def teacher_source(cfg: Config, spec: str | None = None) -> str:
 def _download_registered(uri: str) -> Path:
     import mlflow
 
-    from .tracking import redact
+    from .tracking import redact, shown_registry_uri
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:
         raise ConfigError(
-            f"cannot fetch {uri} from the registry at {redact(mlflow.get_registry_uri())} "
+            f"cannot fetch {uri} from the registry at {shown_registry_uri()} "
             f"({type(exc).__name__}: {redact((str(exc).splitlines() or [''])[0])[:120]}); check the name and "
             f"version with `kd-mlflow models list`"
         ) from exc

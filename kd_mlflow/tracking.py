@@ -114,6 +114,20 @@ def redact(text: str) -> str:
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#\s]*)@", hide, text)
 
 
+def shown_tracking_uri() -> str:
+    """The current tracking URI as messages show it (password masked)."""
+    import mlflow
+
+    return redact(mlflow.get_tracking_uri())
+
+
+def shown_registry_uri() -> str:
+    """The current registry URI as messages show it (password masked)."""
+    import mlflow
+
+    return redact(mlflow.get_registry_uri())
+
+
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
@@ -718,7 +732,7 @@ def resumable_run(params: dict, resume: str, has_checkpoint) -> str:
         run = client.get_run(resume)
     except Exception:
         raise ConfigError(f"cannot resume: no run {resume!r} in the tracking store "
-                          f"{redact(mlflow.get_tracking_uri())}; check the run id (and MLFLOW_TRACKING_URI)") from None
+                          f"{shown_tracking_uri()}; check the run id (and MLFLOW_TRACKING_URI)") from None
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {resume} already FINISHED; there is nothing to resume")
     diff = differences(run)
