@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from .config import Config, ConfigError
 from .modes import MODES
 
-NUMERIC = (int, float)
-
 
 @dataclass
 class SweepResult:
@@ -36,9 +34,9 @@ def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict) -> 
     if param not in MODES[mode].fields:
         raise ConfigError(f"{mode} has no parameter {param!r}; its parameters are: {', '.join(MODES[mode].fields)}")
     kind = Config.parameter(param, mode).type
-    if kind not in ("int", "float", int, float):
+    if kind not in ("int", "float"):
         raise ConfigError(f"sweep varies a numeric parameter; {param} is a {kind}")
-    cast = int if kind in ("int", int) else float
+    cast = int if kind == "int" else float
     try:
         grid = [cast(v.strip()) for v in str(values).split(",") if v.strip()]
     except ValueError:
