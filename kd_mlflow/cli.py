@@ -122,7 +122,7 @@ def run_config(cfg: Config) -> None:
     _exit_if_offline()
     click.echo(f"\nmode {cfg.mode}: {cfg.network} on {cfg.dataset}")
     click.echo(f"  test_acc      {result.test_acc:.2f}%  (best val_acc {result.best_val_acc:.2f}% "
-               f"at epoch {result.best_epoch + 1})")
+               f"at epoch {result.best_epoch + 1} of {cfg.epochs})")
     click.echo(f"  run id        {result.run_id}")
     if result.registered_model:
         click.echo(f"  registered    models:/{result.registered_model}/{result.version}")

@@ -522,14 +522,14 @@ def comparison_markdown(c: Comparison) -> str:
 # --------------------------------------------------------------------- logging
 def comparison_figures(c: Comparison) -> dict:
     """{artifact path: figure} for the comparison run."""
-    from .plots import mode_comparison_bars, val_acc_curves
+    from .plots import mode_comparison_points, val_acc_curves
 
     figures = {}
     if len(c.summary):
         nokd = c.summary.loc[c.summary["mode"] == "nokd", "test_acc_mean"]
         teachers = (c.runs.dropna(subset=["teacher_test_acc"]).groupby("teacher")["teacher_test_acc"].mean()
                     .to_dict())
-        figures["figures/test_acc_by_mode.png"] = mode_comparison_bars(
+        figures["figures/test_acc_by_mode.png"] = mode_comparison_points(
             c.summary, teacher_acc=teachers, nokd_acc=float(nokd.iloc[0]) if len(nokd) else None,
             title=f"test accuracy by mode ({c.experiment})")
     if len(c.histories):

@@ -124,8 +124,11 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
         tracker.log_metrics(final)
         from .plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
 
-        tracker.log_figure(learning_curves(fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}"),
-                           "figures/learning_curves.png")
+        tracker.log_figure(learning_curves(
+            fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}", best_epoch=fit.best_epoch,
+            teacher=(teacher_meta or {}).get("arch") or (cfg.teacher if len(teachers) == 1 else
+                                                         f"ensemble of {len(teachers)}" if teachers else "none"),
+            teacher_acc=(teacher_meta or {}).get("test_acc")), "figures/learning_curves.png")
         tracker.log_dict(cfg.params(), "config.json")
         meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
                 "in_channels": info.in_channels, "test_acc": test_acc, "test_correct": correct, "test_images": n,
