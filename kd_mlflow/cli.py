@@ -389,6 +389,31 @@ def models_champion_command(name: str) -> None:
     click.echo(f"{name}@champion -> version {version}")
 
 
+@main.group(name="runs")
+def runs_group() -> None:
+    """Tracked runs: find the ones left RUNNING by a process that is gone."""
+
+
+@runs_group.command(name="clean")
+@click.option("--experiment", default="", help="Only this experiment (name); default: every active one.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Minutes since a run's last sign of life (heartbeat, start, metric) before it may be "
+                   "called stale. A run whose kd-mlflow heartbeat is fresh is alive whatever this says.")
+@click.option("--yes", is_flag=True, help="Mark the stale runs FAILED without asking (else: asked on a "
+                                          "terminal, only listed otherwise).")
+def runs_clean_command(experiment: str, older_than: float, yes: bool) -> None:
+    """List the RUNNING runs whose process is gone (a crashed `mlflow run` launcher, e.g.
+    conda missing; a killed training) with experiment, name, start and the reason, and mark
+    them FAILED. Runs that are alive, recent, or not kd-mlflow's are never touched."""
+    from .runs import clean
+
+    confirm = (lambda text: click.confirm(text, default=False)) if sys.stdin.isatty() else None
+    try:
+        clean(experiment, older_than, yes, echo=click.echo, confirm=confirm)
+    except ConfigError as exc:
+        _fail(exc)
+
+
 # ------------------------------------------------------------ team tracking server
 @main.command(name="server", context_settings={"ignore_unknown_options": True})
 @click.option("--backend-store-uri", envvar=BACKEND_ENV, default=DEFAULT_BACKEND_STORE_URI, show_default=True,

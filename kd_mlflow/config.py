@@ -250,6 +250,10 @@ class Config:
         for param in MODES[self.mode].params:
             problem = param.check(param.name, getattr(self, param.name), self) if param.check else None
             need(problem is None, problem or "")
+        if self.experiment:  # under `mlflow run`: refused before any work if the run is elsewhere
+            from .tracking import check_launcher_experiment
+
+            check_launcher_experiment(self.experiment)
         return self
     def _validate_processes(self, need) -> None:
         n, dev = self.nproc_per_node, self.device

@@ -1,0 +1,240 @@
+"""``kd-mlflow runs clean``: find the runs left RUNNING by a process that is gone, and mark
+them FAILED.
+
+MLflow never ends a run whose process died: a crashed ``mlflow run`` launcher (conda
+missing, say: the run is created before the environment is built), a killed training, a
+machine that rebooted. Such runs stay RUNNING forever, and compare lists them as unfinished.
+MLflow has no liveness signal, so kd-mlflow adds one: while a run is open, ``start_run``
+sets the tag ``kd_mlflow.heartbeat`` every HEARTBEAT_SECONDS. A RUNNING run is left alone when
+
+- a process on this machine runs it (MLFLOW_RUN_ID in its environment: an ``mlflow run``
+  child still importing, loading data ...), or
+- it, or the top-level run it is nested in, beat within HEARTBEAT_STALE_SECONDS, or
+- its last sign of life (heartbeat, start, latest metric) is more recent than --older-than, or
+- it is not a kd-mlflow run (no ``mode`` tag, not made by ``mlflow run`` of one of our
+  entry points): nothing says whether its process lives, so it is never touched.
+
+Every other RUNNING run is stale, with one of these reasons: its parent run has ended; its
+heartbeat stopped; ``mlflow run`` created it but kd-mlflow never started in it; or (a run
+of a kd-mlflow older than the heartbeat) nothing was logged for longer than --older-than.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tracking import HEARTBEAT_SECONDS, HEARTBEAT_TAG, OFFLINE_ROOT
+
+HEARTBEAT_STALE_SECONDS = 5 * HEARTBEAT_SECONDS  # five missed beats: the process is gone (or unreachable)
+PARENT_TAG = "mlflow.parentRunId"
+CLEANED_TAG = "kd_mlflow.cleaned"  # why runs clean marked the run FAILED
+
+
+@dataclass
+class RunVerdict:
+    run_id: str
+    experiment: str
+    run_name: str
+    start_time: int  # ms since the epoch
+    last_sign_of_life: int  # ms since the epoch
+    stale: bool
+    reason: str
+
+
+def _ago(ms: int, now: float) -> str:
+    seconds = max(0, int(now - ms / 1000))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 2 * 3600:
+        return f"{seconds // 60}min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+    return f"{seconds // 86400} days"
+
+
+def _entry_points() -> set[str]:
+    from .modes import MODES
+
+    return {"main", "compare", "benchmark", *MODES}  # as kd_mlflow.mlproject renders them
+
+
+def local_run_processes() -> dict[str, int]:
+    """{MLFLOW_RUN_ID: pid} of this user's processes on this machine (Linux /proc; empty elsewhere)."""
+    found: dict[str, int] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"MLFLOW_RUN_ID="):
+                found.setdefault(item[len(b"MLFLOW_RUN_ID="):].decode(errors="replace"), int(entry.name))
+    return found
+
+
+def _heartbeat(run) -> int | None:
+    try:
+        return int(run.data.tags.get(HEARTBEAT_TAG, ""))
+    except ValueError:
+        return None
+
+
+def _latest_metric_time(run) -> int:
+    return max((m.timestamp for m in run.data.to_proto().metrics), default=0)
+
+
+def judge(run, experiment: str, ancestors: list, processes: dict, older_than_s: float, now: float) -> RunVerdict:
+    """Whether the RUNNING ``run`` is stale, and why. ``ancestors``: its parent runs, nearest first."""
+    tags = run.data.tags
+    beats = [b for b in (_heartbeat(r) for r in (run, *ancestors)) if b]
+    beat = max(beats, default=None)
+    last = max(run.info.start_time or 0, _latest_metric_time(run), beat or 0)
+    verdict = RunVerdict(run.info.run_id, experiment, run.info.run_name or tags.get("mlflow.runName", ""),
+                         run.info.start_time or 0, last, False, "")
+
+    def alive(reason: str) -> RunVerdict:
+        verdict.reason = reason
+        return verdict
+
+    def stale(reason: str) -> RunVerdict:
+        verdict.stale, verdict.reason = True, reason
+        return verdict
+
+    for r in (run, *ancestors):
+        if r.info.run_id in processes:
+            return alive(f"process {processes[r.info.run_id]} on this machine runs it")
+    if (OFFLINE_ROOT / run.info.run_id / "offline" / "run.json").is_file():
+        return alive(f"its offline directory {OFFLINE_ROOT / run.info.run_id / 'offline'} waits for `kd-mlflow sync`")
+    if beat and now - beat / 1000 < HEARTBEAT_STALE_SECONDS:
+        return alive(f"heartbeat {_ago(beat, now)} ago")
+    if now - last / 1000 < older_than_s:
+        return alive(f"last sign of life {_ago(last, now)} ago, within --older-than")
+    ended = next((r for r in ancestors if r.info.status != "RUNNING"), None)
+    if ended is not None:
+        return stale(f"its parent run {ended.info.run_name or ended.info.run_id} is {ended.info.status}")
+    if beat:
+        return stale(f"no heartbeat for {_ago(beat, now)}: its kd-mlflow process is gone")
+    root = ancestors[-1] if ancestors else run
+    root_tags = root.data.tags
+    if "mode" not in tags and root_tags.get("mlflow.source.type") == "PROJECT" \
+            and root_tags.get("mlflow.project.entryPoint") in _entry_points():
+        env = root_tags.get("mlflow.project.env", "")
+        return stale(f"`mlflow run -e {root_tags['mlflow.project.entryPoint']}`{' (env ' + env + ')' if env else ''} "
+                     f"created it {_ago(run.info.start_time or 0, now)} ago, but kd-mlflow never started in it "
+                     f"(its environment failed: conda missing? use --env-manager local)")
+    if "mode" in tags:
+        return stale(f"nothing logged for {_ago(last, now)} and no heartbeat (a kd-mlflow older than the heartbeat)")
+    return alive("not a kd-mlflow run: nothing tells whether its process lives")
+
+
+def _experiments(client, name: str) -> dict[str, str]:
+    """{experiment_id: name} of the active experiments, or of ``name`` alone."""
+    from .config import ConfigError
+    from .tracking import shown_tracking_uri
+
+    if name:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise ConfigError(f"no experiment {name!r} at {shown_tracking_uri()}; "
+                              f"list them with `mlflow experiments search`")
+        return {exp.experiment_id: exp.name}
+    return {e.experiment_id: e.name for e in _all_pages(lambda token: client.search_experiments(
+        max_results=1000, page_token=token))}
+
+
+def _all_pages(search):
+    """Every item of a paged MLflow search: ``search(page_token)`` -> a PagedList."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def running_runs(client, experiment_ids: list[str]) -> list:
+    return [run for i in range(0, len(experiment_ids), 100)  # 100 experiments a search, to keep requests small
+            for run in _all_pages(lambda token: client.search_runs(
+                experiment_ids[i:i + 100], filter_string="attributes.status = 'RUNNING'", max_results=1000,
+                page_token=token))]
+
+
+def find_runs(experiment: str = "", older_than_minutes: float = 60.0, client=None) -> list[RunVerdict]:
+    """A verdict on every RUNNING run of ``experiment`` (all active experiments when empty)."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    names = _experiments(client, experiment)
+    runs = running_runs(client, list(names))
+    by_id = {r.info.run_id: r for r in runs}
+
+    def ancestors(run) -> list:
+        chain, seen = [], {run.info.run_id}
+        parent = run.data.tags.get(PARENT_TAG)
+        while parent and parent not in seen:
+            seen.add(parent)
+            if parent not in by_id:
+                try:
+                    by_id[parent] = client.get_run(parent)
+                except Exception:
+                    break  # a deleted parent: judged without it
+            chain.append(by_id[parent])
+            parent = by_id[parent].data.tags.get(PARENT_TAG)
+        return chain
+
+    processes, now = local_run_processes(), time.time()
+    verdicts = [judge(r, names.get(r.info.experiment_id, r.info.experiment_id), ancestors(r), processes,
+                      older_than_minutes * 60, now) for r in runs]
+    return sorted(verdicts, key=lambda v: (v.experiment, v.start_time))
+
+
+def mark_failed(verdicts: list[RunVerdict], client=None) -> None:
+    """End each stale run FAILED, at its last sign of life, with the reason as a tag."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    for v in verdicts:
+        client.set_tag(v.run_id, CLEANED_TAG, v.reason)
+        client.set_terminated(v.run_id, "FAILED", end_time=max(v.last_sign_of_life, v.start_time))
+
+
+def describe(v: RunVerdict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.start_time / 1000)) if v.start_time else "?"
+    return f"{v.experiment} / {v.run_name or '-'}  ({v.run_id})  started {started}: {v.reason}"
+
+
+def clean(experiment: str, older_than_minutes: float, yes: bool, echo=print, confirm=None) -> list[RunVerdict]:
+    """List the stale RUNNING runs and, with ``yes`` (or ``confirm()`` saying so), mark them
+    FAILED. Returns the runs marked."""
+    from .tracking import check_tracking_server, shown_tracking_uri
+
+    check_tracking_server()
+    verdicts = find_runs(experiment, older_than_minutes)
+    stale = [v for v in verdicts if v.stale]
+    where = f"experiment {experiment!r}" if experiment else "all experiments"
+    echo(f"tracking URI {shown_tracking_uri()}, {where}: {len(verdicts)} RUNNING run(s), {len(stale)} whose "
+         f"process is gone")
+    for v in stale:
+        echo(f"  {describe(v)}")
+    alive = len(verdicts) - len(stale)
+    if alive:
+        echo(f"  ({alive} RUNNING run(s) left alone: alive, too recent for --older-than {older_than_minutes:g}, "
+             f"or not kd-mlflow's)")
+    if not stale:
+        return []
+    if not yes:
+        if confirm is None or not confirm(f"mark these {len(stale)} run(s) FAILED?"):
+            echo("nothing changed; pass --yes to mark them FAILED")
+            return []
+    mark_failed(stale)
+    echo(f"marked {len(stale)} run(s) FAILED (tag {CLEANED_TAG} says why)")
+    return stale
