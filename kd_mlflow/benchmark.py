@@ -144,10 +144,10 @@ class _Unregistered:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def log_model(self, model, example, *, registered_name=None, checkpoint=None, name="model"):
-        return self._inner.log_model(model, example, registered_name=None, checkpoint=checkpoint, name=name)
+    def log_model(self, model, example, *, registered_name=None, **kwargs):
+        return self._inner.log_model(model, example, registered_name=None, **kwargs)
 
-    def register(self, model_uri, name):
+    def register(self, model_uri, name, card=None):
         return None
 
     @contextlib.contextmanager

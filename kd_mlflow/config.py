@@ -112,6 +112,8 @@ class Config:
                          "or 'auto' (the latest unfinished run here with the same settings).")
     compile: bool = _f(False, "torch.compile the student and teacher(s), on CUDA with CUDA graphs "
                               "(pays a one-off compile time).")
+    system_metrics: bool = _f(True, "Log CPU, memory, disk and network use (and GPU use where pynvml sees "
+                                    "a GPU) as MLflow system metrics every 10 s; rank 0 only.")
     nproc_per_node: int = _f(1, "Data-parallel processes on this machine (one per GPU; torchrun is started for "
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")

@@ -193,6 +193,32 @@ def _read_cifar(layout: CifarLayout, folder: Path):
     return (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]), test_x, test_y)
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")  # label order of the IDX files (Xiao et al., 2017)
+
+
+def class_names(name: str, data_dir: str = "") -> list:
+    """The dataset's class names, in label order (the label numbers, with a warning, when a
+    CIFAR folder lacks its names file: the images train without it)."""
+    if name == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    try:
+        return cifar_class_names(name, data_dir)
+    except ConfigError as exc:
+        print(f"warning: {exc}; the model's classes are named by their label numbers", file=sys.stderr)
+        return [str(i) for i in range(DATASETS[name].num_classes)]
+
+
+def data_source(name: str, data_dir: str = "") -> str:
+    """Where the dataset's files were read from (a directory), for the run's Datasets."""
+    if name == "fashion_mnist":
+        searched = ([Path(data_dir)] if data_dir else []) + [Path(DEBIAN_FASHION_MNIST), DEFAULT_CACHE]
+        found = next((d for d in searched if _find_fmnist(d)), None)
+    else:
+        found = _cifar_folder(CIFAR_LAYOUTS[name], Path(data_dir) if data_dir else DEFAULT_CACHE)
+    return str(Path(found).resolve()) if found else (data_dir or str(DEFAULT_CACHE))
+
+
 def cifar_class_names(name: str, data_dir: str = "") -> list:
     """The class names shipped with the dataset (``batches.meta.txt``, ``fine_label_names.txt``)."""
     layout = CIFAR_LAYOUTS[name]
@@ -289,6 +315,26 @@ class DataBundle:
     val: Split
     test: Split
     unlabeled: Split | None = None  # semi-supervised modes (uda): images whose labels are not used
+    # Which images of the dataset's files each split holds (indices into its training or
+    # test file, in the order used), and where the files are: the run's Datasets.
+    indices: dict | None = None
+    source: str = ""
+
+    def datasets(self) -> list[dict]:
+        """The splits as the run's MLflow Datasets: name, source, size and a digest of the
+        exact indices used (sha256 of the dataset's name, the split and the int64 indices),
+        so two runs can be checked to have trained, selected and tested on the same images."""
+        if self.indices is None:
+            return []
+        out = []
+        for context, split in (("train", self.train), ("validation", self.val), ("test", self.test)):
+            idx = np.ascontiguousarray(self.indices[context], dtype=np.int64)
+            digest = hashlib.sha256(f"{self.info.name}/{context}/".encode() + idx.tobytes()).hexdigest()
+            out.append({"name": f"{self.info.name}-{context}", "context": context, "source": self.source,
+                        "digest": digest[:32], "rows": len(split),
+                        "file": "test" if context == "test" else "train",
+                        "image": f"uint8 {self.info.in_channels}x{self.info.image_size}x{self.info.image_size}"})
+        return out
 
 
 def load_data(cfg: Config) -> DataBundle:
@@ -318,8 +364,10 @@ def load_data(cfg: Config) -> DataBundle:
             x, y = x[idx], y[idx]
         return Split(torch.from_numpy(np.array(x, dtype=np.uint8)), torch.from_numpy(np.array(y, dtype=np.int64)))
 
+    indices = {"train": train_idx, "validation": val_idx, "test": np.arange(test_n)}
     return DataBundle(info, split(train_x, train_y, train_idx), split(train_x, train_y, val_idx),
-                      split(test_x[:test_n], test_y[:test_n]))
+                      split(test_x[:test_n], test_y[:test_n]), indices=indices,
+                      source=data_source(cfg.dataset, cfg.resolved_data_dir()))
 
 
 # ------------------------------------------------------------------ batches

@@ -61,13 +61,27 @@ def version_test_acc(client, version, cache: dict | None = None) -> float | None
     return None if value is None or math.isnan(value) else float(value)
 
 
-def register_version(client, model_uri: str, name: str) -> int:
-    """Register a logged model under ``name`` and re-elect the champion; -> the new version."""
+def register_version(client, model_uri: str, name: str, card: dict | None = None) -> int:
+    """Register a logged model under ``name``, describe the version (``card``: see
+    serving.model_card) and re-elect the champion; -> the new version."""
     import mlflow
 
     version = int(mlflow.register_model(model_uri, name).version)
+    describe_version(client, name, version, card)
     update_champion(client, name)
     return version
+
+
+def describe_version(client, name: str, version: int, card: dict | None) -> None:
+    """The version's description (what it is, its test_acc, its run, how to load it) and
+    tags (mode, dataset, student, teacher, test_acc), from the student's model card."""
+    if not card:
+        return
+    client = _client(client)
+    uri = f"models:/{name}/{version}"
+    client.update_model_version(name, str(version), description=card["description"].replace("{model_uri}", uri))
+    for key, value in card["tags"].items():
+        client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def update_champion(client, name: str, alias: str = CHAMPION) -> int | None:

@@ -26,11 +26,12 @@ import torch
 from . import distributed
 from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError, unwritable_reason
-from .data import DataBundle, DeviceBatches, load_data
+from .data import DataBundle, DeviceBatches, class_names, load_data
 from .models import create_model
 from .modes import MODES
 from . import pretrained
 from .pretrained import is_inside_pretrained
+from .serving import model_card
 from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
 from .tracking import NullTracker
 from .trainer import Trainer, count_correct, evaluate, resolve_device, resolve_precision, seed_everything
@@ -59,6 +60,7 @@ class TrainResult:
     test_acc_last: float | None = None  # the last epoch's student, fp32 like test_acc
     test_correct: int | None = None  # test_acc as a count of test_images
     test_images: int | None = None
+    card: dict | None = None  # serving.model_card: how the registry describes this student
 
 
 def runtime_for(cfg: Config) -> Runtime:
@@ -82,6 +84,13 @@ def example_input(data: DataBundle, n: int = 2) -> torch.Tensor:
     return batches.normalize(data.test.x[:n])
 
 
+def raw_example(data: DataBundle, n: int = 2):
+    """The first test images as the dataset stores them (uint8; N x H x W for one channel):
+    the served model's input example."""
+    x = data.test.x[:n].numpy()
+    return x[:, 0] if x.shape[1] == 1 else x
+
+
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
                   *, teacher_meta: dict | None = None, desc: str = "", register: bool = True,
                   resume_state: dict | None = None) -> TrainResult:
@@ -92,6 +101,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     student = create_model(cfg.network, info.num_classes, info.in_channels)
     distiller = distiller_cls(student, teachers, cfg)
     data = distiller_cls.adapt_data(data, cfg)
+    if distributed.is_main():
+        tracker.log_datasets(data.datasets())
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
     fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
                   workdir=workdir, progress_desc=desc or cfg.mode).fit(resume_state)
@@ -116,12 +127,14 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     final.update({"test_acc": test_acc, "test_correct": correct, "test_images": n,
                   "test_acc_last": 100.0 * correct_last / n, "test_correct_last": correct_last})
     checkpoint = workdir / "model.pt"
-    model_uri, version = None, None
+    model_uri, version, card = None, None, None
     if distributed.is_main():  # the other ranks have computed the same numbers; rank 0 records them
         final.update({"best_val_acc": fit.best_val_acc, "best_epoch": fit.best_epoch})
         if teacher_meta and "test_acc" in teacher_meta:
             final["teacher_test_acc"] = float(teacher_meta["test_acc"])
-        tracker.log_metrics(final)
+        # At the selected epoch's step: the logged model (attached at that step) shows
+        # them beside that epoch's val_acc, train_acc and lr.
+        tracker.log_metrics(final, step=fit.best_epoch)
         from .plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
 
         tracker.log_figure(learning_curves(
@@ -135,12 +148,15 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                 "best_val_acc": fit.best_val_acc,
                 "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
         checkpoint = save_model_checkpoint(checkpoint, student_cpu, meta)
+        card = model_card(cfg, info, class_names(cfg.dataset, cfg.resolved_data_dir()), test_correct=correct,
+                          test_images=n, best_epoch=fit.best_epoch, run_id=tracker.run_id, teacher_meta=teacher_meta)
         model_uri, version = tracker.log_model(student_cpu, example_input(data),
                                                registered_name=cfg.model_name if register else None,
-                                               checkpoint=checkpoint)
+                                               checkpoint=checkpoint, card=card, raw_example=raw_example(data),
+                                               name=f"{cfg.mode}-{cfg.network}")
     return TrainResult(tracker.run_id, test_acc, fit.best_val_acc, fit.best_epoch,
                        cfg.model_name if version is not None else None, version, checkpoint, fit.history,
-                       model_uri, student_cpu, final["test_acc_last"], correct, n)
+                       model_uri, student_cpu, final["test_acc_last"], correct, n, card)
 
 
 class Terminated(KeyboardInterrupt):
@@ -262,6 +278,8 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
     extra = {"run_id": resume_run} if resume_run else {}
     with _terminate_on_sigterm() as sigterm, \
             _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
+        if cfg.system_metrics:
+            tracker.monitor_system()  # rank 0's run only: the other ranks hold a _RankTracker
         try:
             if mode.kind == "strategy":
                 return impl(cfg, data, teachers, metas, tracker, rt)

@@ -61,11 +61,11 @@ def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResu
     tracker.log_metrics({**{k: v for k, v in selected.items() if v is not None}, "best_val_acc": best.best_val_acc,
                          "best_epoch": best.best_epoch, **summary})
     tracker.set_tags({"selected_run_id": best.run_id or ""})
-    version = tracker.register(best.model_uri, cfg.model_name) if best.model_uri else None
+    version = tracker.register(best.model_uri, cfg.model_name, best.card) if best.model_uri else None
     return TrainResult(tracker.run_id, best.test_acc, best.best_val_acc, best.best_epoch,
                        cfg.model_name if version is not None else None, version, best.checkpoint,
                        best.history, best.model_uri, best.model, best.test_acc_last, best.test_correct,
-                       best.test_images)
+                       best.test_images, best.card)
 
 
 def _best(results: list[TrainResult]) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 from .config import ConfigError
 
-STEPS = ("params", "tags", "metrics", "artifacts", "models", "registrations", "status")
+STEPS = ("params", "tags", "datasets", "metrics", "artifacts", "models", "registrations", "status")
 
 
 def find_offline_dirs(path: str | Path) -> list[Path]:
@@ -124,10 +124,12 @@ def _log_model(run_id: str, directory: Path, entry: dict):
     model = create_model(meta["arch"], meta["num_classes"], meta["in_channels"])
     model.load_state_dict(state)
     example = torch.load(directory / "files" / entry["example"], map_location="cpu", weights_only=True)
+    raw_example = torch.load(directory / "files" / entry["raw_example"], map_location="cpu",
+                             weights_only=True).numpy() if entry.get("raw_example") else None
     with mlflow.start_run(run_id=run_id):
         tracker = MlflowTracker(run_id)
         uri, version = tracker._log_model(model.eval(), example, entry.get("registered_name"), checkpoint,
-                                          entry.get("name", "model"))
+                                          entry.get("name", "model"), entry.get("card"), raw_example)
         tracker.metrics.close()
     return uri, version
 
@@ -168,6 +170,12 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         if record["tags"]:
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()], synchronous=True)
         finish("tags")
+    if "datasets" not in done:
+        if record.get("datasets"):  # records written before datasets were logged have none
+            from .tracking import dataset_inputs
+
+            client.log_inputs(run_id, dataset_inputs(record["datasets"]))
+        finish("datasets")
     if "metrics" not in done:
         metrics = _metrics(directory)
         for i in range(0, len(metrics), 1000):
@@ -189,7 +197,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         from .registry import register_version
 
         for entry in record["registrations"]:
-            version = register_version(client, entry["model_uri"], entry["name"])
+            version = register_version(client, entry["model_uri"], entry["name"], entry.get("card"))
             echo(f"  registered {entry['model_uri']} as {entry['name']} v{version}")
         finish("registrations")
     if "status" not in done:

@@ -30,7 +30,20 @@ from pathlib import Path
 DEFAULT_EXPERIMENT = "kd-mlflow"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ROOT = Path("runs")  # the runner's working directory for per-run files
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds between samples (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 MAX_BUFFERED_METRICS = 100_000  # beyond this, the oldest buffered points go to the fallback file
+
+
+def dataset_inputs(datasets: list) -> list:
+    """MLflow DatasetInputs for data.DataBundle.datasets() entries: metadata only (the
+    images stay where they are), with the split as MLflow's dataset context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                 source=json.dumps({"uri": d["source"]}),
+                                 profile=json.dumps({"num_rows": d["rows"], "image": d["image"],
+                                                     "indices_into": f"the {d['file']} file"})),
+                         tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
 
 
 class NullTracker:
@@ -45,11 +58,13 @@ class NullTracker:
     def log_dict(self, obj, path: str) -> None: ...
     def log_figure(self, fig, path: str) -> None: ...
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None: ...
+    def log_datasets(self, datasets: list) -> None: ...
+    def monitor_system(self, interval: float = 0) -> None: ...
 
     def log_model(self, *args, **kwargs):
         return None, None
 
-    def register(self, model_uri: str, name: str):
+    def register(self, model_uri: str, name: str, card: dict | None = None):
         return None
 
     @contextlib.contextmanager
@@ -74,10 +89,12 @@ def git_commit() -> str:
 def pip_requirements() -> list[str]:
     import mlflow
     import numpy
+    import pandas
     import torch
 
+    # pandas: the image pyfunc answers with a DataFrame (pyfunc_images.py)
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"numpy=={numpy.__version__}"]
+            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}"]
 
 
 def _warm_model_logging() -> None:
@@ -279,7 +296,8 @@ class _Offline:
         # run_id is then an id the server has never seen, and parent_run_id may be one too.
         self.record = {"format": "kd-mlflow-offline/1", "run_id": run_id, "tracking_uri": link.shown,
                        "experiment_name": None, "parent_run_id": None, "params": {}, "tags": {},
-                       "artifacts": [], "models": [], "registrations": [], "status": None, "end_time": None,
+                       "artifacts": [], "datasets": [], "models": [], "registrations": [], "status": None,
+                       "end_time": None,
                        "done": []}
         self.used = False
         self._lock = threading.Lock()
@@ -453,6 +471,7 @@ class MlflowTracker:
         self.offline_only = offline_only
         self.metrics = (_OfflineMetrics(self.offline) if offline_only
                         else _MetricBuffer(run_id, self.link, self.offline))
+        self._system = None
         if MlflowTracker._warming is None:
             MlflowTracker._warming = threading.Thread(target=_warm_model_logging, name="warm-log-model",
                                                       daemon=True)
@@ -537,71 +556,99 @@ class MlflowTracker:
                        lambda target: shutil.copyfile(local_path, target),
                        lambda: self._client().log_artifact(self.run_id, str(local_path), artifact_path))
 
+    def log_datasets(self, datasets: list) -> None:
+        """The run's Datasets (data.DataBundle.datasets): train, validation and test."""
+        if datasets:
+            self._call("the datasets", lambda: self._client().log_inputs(self.run_id, dataset_inputs(datasets)),
+                       lambda: [self.offline.add("datasets", d) for d in datasets])
+
     def log_model(self, model, example, *, registered_name: str | None, checkpoint: Path | None = None,
-                  name: str = "model"):
+                  name: str = "model", card: dict | None = None, raw_example=None):
         """Log ``model`` (an nn.Module, moved to CPU fp32) in MLflow's pickle-free pt2 format,
-        with signature, input example and explicit requirements (inferring them costs ~30 s),
-        plus the kd-mlflow checkpoint so the registered model can serve as a teacher.
-        Returns (model_uri, registered version or None); (None, None) when the server
-        never came back (the checkpoint and example then wait in the offline directory)."""
+        with explicit requirements (inferring them costs ~30 s), plus the kd-mlflow
+        checkpoint so the registered model can serve as a teacher.
+
+        With a ``card`` (serving.model_card) and ``raw_example`` (uint8 images as the
+        dataset stores them), the model explains itself: metadata, the image pyfunc
+        (uint8 in, class names out) with its signature and example, attached to the run
+        at the selected epoch (``card["step"]``, so its metrics are that epoch's and the
+        final ones logged at that step), and, when registered, the version's description
+        and tags. Returns (model_uri, registered version or None); (None, None) when the
+        server never came back (checkpoint, examples and card then wait in the offline
+        directory)."""
         def keep():
             import torch
 
-            entry = {"name": name, "registered_name": registered_name or None}
+            entry = {"name": name, "registered_name": registered_name or None, "card": card}
             if checkpoint is not None:
                 shutil.copyfile(checkpoint, self.offline.path_for(f"_model/{name}/{Path(checkpoint).name}"))
                 entry["checkpoint"] = f"_model/{name}/{Path(checkpoint).name}"
             torch.save(example.detach().cpu(), self.offline.path_for(f"_model/{name}/example.pt"))
             entry["example"] = f"_model/{name}/example.pt"
+            if raw_example is not None:
+                torch.save(torch.as_tensor(raw_example), self.offline.path_for(f"_model/{name}/raw_example.pt"))
+                entry["raw_example"] = f"_model/{name}/raw_example.pt"
             self.offline.add("models", entry)
 
         result = self._call(f"the model {name!r}", lambda: self._log_model(model, example, registered_name,
-                                                                          checkpoint, name), keep)
+                                                                          checkpoint, name, card, raw_example), keep)
         return result if result is not None else (None, None)
 
-    def _log_model(self, model, example, registered_name, checkpoint, name):
+    def _log_model(self, model, example, registered_name, checkpoint, name, card=None, raw_example=None):
         import mlflow
+        import numpy as np
         import torch
         from mlflow.models import infer_signature
 
         if MlflowTracker._warming is not None:
             MlflowTracker._warming.join()
-        if registered_name:
-            # The champion alias is chosen by the versions' test_acc: the metrics logged
-            # just before (test_acc among them) must be in the run when it is registered.
-            self.metrics.flush()
+        # Everything logged so far must be in the run: MLflow attaches the run's metrics at
+        # the model's step to the logged model, and the champion alias is chosen by the
+        # versions' test_acc.
+        self.metrics.flush()
         model = model.eval()
-        with torch.no_grad():
-            output = model(example)
-        example_np = example.numpy()
-        signature = infer_signature(example_np, output.numpy())
-        info = mlflow.pytorch.log_model(
-            model, name=name, input_example=example_np, signature=signature,
-            pip_requirements=pip_requirements(), serialization_format="pt2",
-            registered_model_name=registered_name or None,
-            extra_files=[str(checkpoint)] if checkpoint else None,
-        )
+        common = {"pip_requirements": pip_requirements(), "registered_model_name": registered_name or None,
+                  "extra_files": [str(checkpoint)] if checkpoint else None}
+        if card is not None and raw_example is not None:
+            from mlflow.models import Model
+
+            from . import serving
+
+            info = Model.log(None, name=name, flavor=serving, flavor_name="pytorch", metadata=card["metadata"],
+                             step=int(card.get("step", 0)), pytorch_model=model, example=example,
+                             raw_example=np.asarray(raw_example, dtype=np.uint8),
+                             raw_signature=serving.raw_signature(card), **common)
+        else:  # an offline directory written before models carried a card
+            with torch.no_grad():
+                output = model(example)
+            info = mlflow.pytorch.log_model(
+                model, name=name, input_example=example.numpy(), signature=infer_signature(example.numpy(),
+                                                                                             output.numpy()),
+                serialization_format="pt2", **common)
         version = getattr(info, "registered_model_version", None)
         if version is not None:
-            from .registry import update_champion
+            from .registry import describe_version, update_champion
 
+            describe_version(mlflow.MlflowClient(), registered_name, int(version), card)
             update_champion(mlflow.MlflowClient(), registered_name)
         return info.model_uri, (int(version) if version is not None else None)
 
-    def register(self, model_uri: str | None, name: str) -> int | None:
-        """Register an already logged model (e.g. the best child of a sweep) under ``name``."""
+    def register(self, model_uri: str | None, name: str, card: dict | None = None) -> int | None:
+        """Register an already logged model (e.g. the best child of a sweep) under ``name``,
+        described by ``card`` (serving.model_card of the run that logged it)."""
         from .registry import register_version
 
         def register():
             self.metrics.flush()  # as in _log_model: this run's test_acc first
-            return register_version(None, model_uri, name)
+            return register_version(None, model_uri, name, card)
 
         if model_uri is None:  # its run's model is itself waiting in an offline directory
             _say(f"warning: not registering {name}: the model was never uploaded; register it after "
                  f"`kd-mlflow sync` with `mlflow.register_model`")
             return None
         return self._call(f"the registration of {name}", register,
-                          lambda: self.offline.add("registrations", {"model_uri": model_uri, "name": name}))
+                          lambda: self.offline.add("registrations", {"model_uri": model_uri, "name": name,
+                                                                     "card": card}))
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None):
@@ -638,11 +685,32 @@ class MlflowTracker:
         with _lifecycle(child) as tracker:
             yield tracker
 
+    def monitor_system(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
+        """MLflow's system metrics for this run (system/cpu_utilization_percentage,
+        system/system_memory_usage_megabytes, disk, network, and system/gpu_* where pynvml
+        sees a GPU), sampled every ``interval`` s until close(); a resumed run continues
+        their steps. MLflow's monitor talks to the server itself: during an outage it stops
+        (with MLflow's warning) and the training goes on."""
+        if self.offline_only or self._system is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=True)
+            self._system.start()
+        except Exception as exc:  # psutil missing, a platform psutil cannot read, ...
+            _say(f"warning: no system metrics for this run ({type(exc).__name__}: {redact(str(exc))[:160]}); "
+                 f"pass -P system_metrics=false to silence this")
+            self._system = None
+
     def close(self, status: str) -> Path | None:
         """Deliver the buffered metrics and end the active run (this one) with ``status``;
         if the server never came back, save the offline directory and return it."""
         import mlflow
 
+        if self._system is not None:
+            with contextlib.suppress(Exception):
+                self._system.finish()
         self.metrics.close()
 
         def end():

@@ -18,11 +18,14 @@ def labeled_subset(data, fraction: float, seed: int):
 
     n = len(data.train)
     k = labeled_subset_size(n, fraction)
-    train = data.train
+    train, indices = data.train, data.indices
     if k < n:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
         train = Split(data.train.x[idx], data.train.y[idx])
-    return DataBundle(data.info, train, data.val, data.test, unlabeled=data.train)
+        if indices is not None:
+            indices = {**indices, "train": indices["train"][idx.numpy()]}
+    return DataBundle(data.info, train, data.val, data.test, unlabeled=data.train, indices=indices,
+                      source=data.source)
 
 
 class Distiller(nn.Module):

@@ -1,0 +1,100 @@
+"""What a logged student carries so that it explains itself and serves real images.
+
+``model_card`` (no MLflow) gathers, for one trained student: the MLmodel metadata
+(dataset, class names, input layout and range, normalisation), the registered
+version's description and tags, and the step (the selected epoch) the logged model is
+attached to. ``save_model`` is the "flavor" handed to ``mlflow.models.Model.log``: the
+PyTorch flavor (``mlflow.pytorch.load_model`` returns the network, as before) whose
+python_function flavor is replaced by ``pyfunc_images`` (raw uint8 images in, class
+names out), with that signature and a raw input example.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+LOADER = "kd_mlflow_images"  # the module name of pyfunc_images.py inside a model's code/
+
+
+def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: int, best_epoch: int,
+               run_id: str | None, teacher_meta: dict | None = None) -> dict:
+    """JSON-able facts about one student, for its logged model and registered version."""
+    test_acc = 100.0 * test_correct / test_images
+    layout = "N x H x W" if info.in_channels == 1 else "N x C x H x W"
+    metadata = {"kd_mlflow": {
+        "dataset": cfg.dataset, "class_names": list(class_names), "mode": cfg.mode, "student": cfg.network,
+        "input": {"dtype": "uint8", "range": [0, 255], "layout": layout, "channels": info.in_channels,
+                  "height": info.image_size, "width": info.image_size},
+        "normalization": {"mean": list(info.mean), "std": list(info.std),
+                          "formula": "(x / 255 - mean) / std, per channel"},
+        "network_input": "float32 N x C x H x W, normalised as above (mlflow.pytorch.load_model)",
+        "selected_epoch": best_epoch + 1,
+    }}
+    teacher = ""
+    if teacher_meta:
+        teacher = str(teacher_meta.get("arch") or cfg.teacher)
+        if "test_acc" in teacher_meta:
+            teacher += f" (test_acc {float(teacher_meta['test_acc']):.2f}%)"
+    elif cfg.teacher:
+        teacher = cfg.teacher
+    description = "\n".join([
+        f"{cfg.network} student on {cfg.dataset}, trained by kd-mlflow mode `{cfg.mode}`"
+        + (f" from teacher {teacher}." if teacher else " (no teacher)."),
+        f"test_acc {test_acc:.2f}% ({test_correct}/{test_images} test images), the fp32 model as registered; "
+        f"selected at epoch {best_epoch + 1} of {cfg.epochs} by validation accuracy.",
+        f"Run: {run_id or '(untracked)'}.",
+        "",
+        "Load it:",
+        "- `mlflow.pyfunc.load_model(\"{model_uri}\").predict(images)`: raw uint8 images "
+        f"({layout}, 0-255, as {cfg.dataset} stores them) -> DataFrame label, class_index, probability.",
+        "- `mlflow.pytorch.load_model(\"{model_uri}\")`: the network; input float32 N x C x H x W as "
+        f"(x/255 - {list(info.mean)}) / {list(info.std)}; output logits. It is an exported graph, "
+        "already in inference mode: call it, do not call .eval().",
+    ])
+    tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network,
+            "teacher": (teacher_meta or {}).get("arch", "") or cfg.teacher or "none", "test_acc": f"{test_acc:.2f}"}
+    return {"metadata": metadata, "description": description, "tags": tags, "step": int(best_epoch)}
+
+
+def raw_signature(card: dict):
+    """uint8 images in the dataset's layout -> label, class_index, probability."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    image = card["metadata"]["kd_mlflow"]["input"]
+    shape = (-1, image["height"], image["width"]) if image["channels"] == 1 else \
+        (-1, image["channels"], image["height"], image["width"])
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+                          outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"),
+                                          ColSpec("double", "probability")]))
+
+
+def save_model(path, mlflow_model, *, pytorch_model, example, raw_example, raw_signature, **kwargs):
+    """mlflow.pytorch's save_model (pt2, traced on the float ``example``), then the
+    image pyfunc: its loader in code/, the uint8 signature and example."""
+    import mlflow.pytorch
+    from mlflow.models.signature import infer_signature
+    from mlflow.models.utils import _save_example
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = Path(tmp) / f"{LOADER}.py"
+        shutil.copyfile(Path(__file__).with_name("pyfunc_images.py"), loader)
+        with torch.no_grad():
+            output = pytorch_model(example)
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, input_example=example.numpy(),
+                                  signature=infer_signature(example.numpy(), output.numpy()),
+                                  code_paths=[str(loader)], serialization_format="pt2", **kwargs)
+    pyfunc = mlflow_model.flavors["python_function"]
+    pyfunc["loader_module"] = LOADER
+    mlflow_model.signature = raw_signature
+    for old in ("input_example.json", "serving_input_example.json"):
+        (Path(path) / old).unlink(missing_ok=True)
+    mlflow_model.saved_input_example_info = None
+    _save_example(mlflow_model, raw_example, str(path))
+    mlflow_model.save(str(Path(path) / "MLmodel"))
