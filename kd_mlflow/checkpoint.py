@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 META_KEYS = ("arch", "dataset", "num_classes", "in_channels")
 

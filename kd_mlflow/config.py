@@ -15,7 +15,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from .errors import ConfigError  # here too: `from .config import ConfigError` is how most modules import it
+from .modes import Param, above, at_least, within  # noqa: F401  (declared beside the registry; re-exported)
 
 
 # `kd-mlflow server` defaults: here, so that the CLI reads them without importing server.py.
@@ -24,49 +26,8 @@ BACKEND_ENV = "KD_SERVER_BACKEND_STORE_URI"
 DEFAULT_ARTIFACTS = "./mlartifacts"
 
 
-class ConfigError(ValueError):
-    """Bad user input. The message names the problem and the fix, on one line."""
-
-
 def _f(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass(frozen=True)
-class Param:
-    """A parameter a mode declares next to its code (modes.py): the CLI option, the
-    MLproject parameter, the validation and the logged MLflow param all come from it.
-
-    ``type`` is "int", "float", "str" or "bool"; ``check(name, value, cfg)`` returns the
-    one-line problem (what is wrong and how to fix it) or None."""
-
-    name: str
-    type: str
-    default: object
-    help: str
-    check: Callable | None = None
-    choices: tuple | None = None
-
-    def but(self, **changes) -> "Param":
-        """The same parameter with another default (or help) for one mode."""
-        return dataclasses.replace(self, **changes)
-
-
-# Checks for Param.check, each a one-line message in the shape users already know.
-def at_least(low, note: str = ""):
-    return lambda name, v, cfg: None if v >= low else f"{name} must be >= {low}{note}, got {v}"
-
-
-def above(low):
-    return lambda name, v, cfg: None if v > low else f"{name} must be > {low}, got {v}"
-
-
-def within(low, high, open_low: bool = False):
-    def check(name, v, cfg):
-        inside = (low < v if open_low else low <= v) and v <= high
-        return None if inside else f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {v}"
-
-    return check
 
 
 def unwritable_reason(directory: Path, tag: str = "") -> str | None:
@@ -211,7 +172,7 @@ class Config:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> "Config":
-        from .data import DATASETS
+        from .datasets import DATASETS
         from .models import ARCHITECTURES, is_known_architecture
         from .modes import MODES
 

@@ -1,7 +1,7 @@
 """The mode registry: the single list that the CLI, the MLproject and the runner read.
 
 A mode lists the common Config fields it takes and declares its own parameters
-(:class:`~kd_mlflow.config.Param`: name, type, default, help, check) in its entry, next
+(:class:`Param`: name, type, default, help, check) in its entry, next
 to the code that implements it, a lazily imported ``module:attribute`` so that
 ``kd-mlflow --help`` does not import torch. Adding a method = its file in distillers/,
 its entry here, its test; the CLI, the MLproject (``kd-mlflow mlproject``), validation
@@ -12,8 +12,47 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, replace
+from typing import Callable
 
-from .config import ConfigError, Param, above, at_least, within
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a mode declares next to its code (modes.py): the CLI option, the
+    MLproject parameter, the validation and the logged MLflow param all come from it.
+
+    ``type`` is "int", "float", "str" or "bool"; ``check(name, value, cfg)`` returns the
+    one-line problem (what is wrong and how to fix it) or None."""
+
+    name: str
+    type: str
+    default: object
+    help: str
+    check: Callable | None = None
+    choices: tuple | None = None
+
+    def but(self, **changes) -> "Param":
+        """The same parameter with another default (or help) for one mode."""
+        return replace(self, **changes)
+
+
+# Checks for Param.check, each a one-line message in the shape users already know.
+def at_least(low, note: str = ""):
+    return lambda name, v, cfg: None if v >= low else f"{name} must be >= {low}{note}, got {v}"
+
+
+def above(low):
+    return lambda name, v, cfg: None if v > low else f"{name} must be > {low}, got {v}"
+
+
+def within(low, high, open_low: bool = False):
+    def check(name, v, cfg):
+        inside = (low < v if open_low else low <= v) and v <= high
+        return None if inside else f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {v}"
+
+    return check
+
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")

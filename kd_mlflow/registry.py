@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 from .tracking import shown_registry_uri
 
 CHAMPION = "champion"

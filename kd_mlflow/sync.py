@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
-from .config import ConfigError
+from .errors import ConfigError
 
 STEPS = ("params", "tags", "datasets", "metrics", "artifacts", "models", "registrations", "status")
 

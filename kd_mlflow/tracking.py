@@ -179,7 +179,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = 4.0) -> None:
     import mlflow
     import requests
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     uri = uri or mlflow.get_tracking_uri()
     if not _is_http(uri):
@@ -776,7 +776,7 @@ def check_launcher_experiment(experiment: str) -> None:
     import mlflow
     from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_RUN_NOTE
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if not experiment or not launcher or (launcher, experiment) in _LAUNCHER_EXPERIMENT_OK:
@@ -886,7 +886,7 @@ def resumable_run(params: dict, resume: str, has_checkpoint) -> str:
     Raises ConfigError (before anything is logged) when there is none or settings differ."""
     import mlflow
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     client = mlflow.MlflowClient()
 
