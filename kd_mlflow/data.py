@@ -17,6 +17,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 
 from .datasets import DATASETS, DatasetInfo
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # load_data's annotation: data needs no config at run time
+    from .config import Config
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kd_mlflow"
