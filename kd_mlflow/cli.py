@@ -134,7 +134,7 @@ EXIT_OFFLINE = 75  # EX_TEMPFAIL: trained, but the tracking server has not got e
 
 
 def _exit_if_offline() -> None:
-    from .tracking import OFFLINE_DIRS
+    from .tracking.offline import OFFLINE_DIRS
 
     if OFFLINE_DIRS:
         click.echo(f"warning: the tracking server never came back; the training finished and what the server "

@@ -1,6 +1,6 @@
 """``kd-mlflow sync DIR``: upload what a tracking server missed during an outage.
 
-A run whose server never came back leaves ``runs/<run_id>/offline/`` (see tracking.py):
+A run whose server never came back leaves ``runs/<run_id>/offline/`` (see tracking/offline.py):
 run.json (params, tags, artifacts, models, registrations, final status), metrics.jsonl
 and files/. Sync logs them into the same run when the server knows it, else into a new
 run of the same experiment (tagged ``kd_mlflow.synced_from``). A nested run that was
@@ -13,33 +13,20 @@ stopped and a second sync uploads nothing twice.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
 from .errors import ConfigError
-
-STEPS = ("params", "tags", "datasets", "metrics", "artifacts", "models", "registrations", "status")
+from .tracking.offline import RECORD, STEPS, read_metrics, read_record, write_record
 
 
 def find_offline_dirs(path: str | Path) -> list[Path]:
     path = Path(path)
-    if (path / "run.json").is_file():
+    if (path / RECORD).is_file():
         return [path]
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; pass an offline directory (runs/<run_id>/offline) "
                           f"or a directory that contains some (e.g. runs)")
-    return sorted(p.parent for p in path.rglob("offline/run.json"))
-
-
-def _load(directory: Path) -> dict:
-    try:
-        record = json.loads((directory / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{directory / 'run.json'} is unreadable ({exc}); it was not written by kd-mlflow") from None
-    if record.get("format") != "kd-mlflow-offline/1":
-        raise ConfigError(f"{directory / 'run.json'} is not a kd-mlflow offline record")
-    return record
+    return sorted(p.parent for p in path.rglob(f"offline/{RECORD}"))
 
 
 def _known_run(client, run_id: str):
@@ -61,8 +48,8 @@ def _parent_run(client, directory: Path, record: dict, echo):
         return parent
     # Created offline too: its offline directory stands next to this one (runs/<id>/offline).
     parent_dir = directory.parent.parent / parent_id / "offline"
-    if (parent_dir / "run.json").is_file():
-        target = _load(parent_dir).get("target_run_id")
+    if (parent_dir / RECORD).is_file():
+        target = read_record(parent_dir).get("target_run_id")
         if not target:
             raise ConfigError(f"the parent run of {directory} is waiting in {parent_dir}; sync it first "
                               f"(`kd-mlflow sync {directory.parent.parent}` syncs parents before children)")
@@ -101,16 +88,6 @@ def _target_run(client, directory: Path, record: dict, echo) -> str:
     return run.info.run_id
 
 
-def _metrics(directory: Path):
-    from mlflow.entities import Metric
-
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
-
-
 def _log_model(run_id: str, directory: Path, entry: dict):
     import mlflow
     import torch
@@ -139,7 +116,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
     import mlflow
     from mlflow.entities import Param, RunTag
 
-    record = _load(directory)
+    record = read_record(directory)
     done = record.setdefault("done", [])
     if all(step in done for step in STEPS):
         echo(f"{directory}: already synced to run {record.get('target_run_id', record['run_id'])}; nothing to do")
@@ -148,7 +125,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
     run_id = _target_run(client, directory, record, echo)
 
     def save() -> None:
-        atomic_write_text(json.dumps(record, indent=2, default=str), directory / "run.json")
+        write_record(record, directory)
 
     def finish(step: str) -> None:
         done.append(step)
@@ -177,7 +154,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
             client.log_inputs(run_id, dataset_inputs(record["datasets"]))
         finish("datasets")
     if "metrics" not in done:
-        metrics = _metrics(directory)
+        metrics = read_metrics(directory)
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
         echo(f"  {len(metrics)} metric values")
@@ -213,7 +190,7 @@ def _parents_first(directories: list[Path]) -> list[Path]:
     run_ids, parent_of = {}, {}
     for directory in directories:
         try:
-            record = _load(directory)
+            record = read_record(directory)
         except ConfigError:
             continue  # sync_dir says what is wrong with it, in turn
         run_ids[directory] = record["run_id"]

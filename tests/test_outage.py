@@ -288,7 +288,7 @@ def test_sync_nests_a_run_created_offline_under_a_parent_created_offline_too(tmp
     from kd_mlflow.config import ConfigError
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "OFFLINE_DIRS", [])  # this process's CLI must not see them
+    monkeypatch.setattr(tracking.offline, "OFFLINE_DIRS", [])  # this process's CLI must not see them
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

@@ -20,7 +20,7 @@ def test_redact_hides_credentials_only():
 
 def test_buffer_is_bounded_and_loses_nothing_when_the_server_never_answers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 10)
+    monkeypatch.setattr(tracking.metrics, "MAX_BUFFERED_METRICS", 10)  # where _MetricBuffer reads it
     monkeypatch.setenv("KD_TRACKING_OUTAGE_WAIT", "0")
     link = tracking._Link(f"http://127.0.0.1:{free_port()}")
     offline = tracking._Offline("r" * 32, link)

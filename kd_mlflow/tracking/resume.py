@@ -1,0 +1,59 @@
+"""Resume lookup: the run a ``resume`` parameter continues (an id, or 'auto': the latest
+unfinished run with the same settings and a checkpoint), refused before anything is
+logged when there is none or its settings differ."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .health import shown_tracking_uri
+from .lifecycle import _select_experiment
+
+
+def _same_value(logged: str, value) -> bool:
+    if isinstance(value, bool):
+        return logged.lower() == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return float(logged) == float(value)
+        except ValueError:
+            return False
+    return logged.strip("'") == str(value)  # `mlflow run` logs an empty value as ''
+
+
+def resumable_run(params: dict, resume: str, has_checkpoint) -> str:
+    """The run id to continue: ``resume`` itself, or for 'auto' the latest unfinished run
+    of the experiment with the same params whose checkpoint ``has_checkpoint(run_id)``.
+    Raises ConfigError (before anything is logged) when there is none or settings differ."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+
+    def differences(run) -> list[str]:
+        return [f"{k}: {run.data.params.get(k)!r} -> {v!r}" for k, v in params.items()
+                if k in run.data.params and not _same_value(run.data.params[k], v)]
+
+    if resume == "auto":
+        _select_experiment(params.get("experiment", ""))
+        exp_id = mlflow.tracking.fluent._get_experiment_id()
+        runs = client.search_runs([exp_id], filter_string="attributes.status != 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=200)
+        for run in runs:
+            if run.data.params.get("mode") == params["mode"] and not differences(run) and has_checkpoint(run.info.run_id):
+                return run.info.run_id
+        raise ConfigError("resume=auto found no unfinished run with the same settings and a checkpoint in "
+                          "./runs; start a new run (drop -P resume) or pass the run id")
+    try:
+        run = client.get_run(resume)
+    except Exception:
+        raise ConfigError(f"cannot resume: no run {resume!r} in the tracking store "
+                          f"{shown_tracking_uri()}; check the run id (and MLFLOW_TRACKING_URI)") from None
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {resume} already FINISHED; there is nothing to resume")
+    diff = differences(run)
+    if diff:
+        raise ConfigError(f"run {resume} was made with other settings ({'; '.join(diff[:4])}); "
+                          f"resume with the parameters it was started with")
+    if not has_checkpoint(resume):
+        raise ConfigError(f"run {resume} has no epoch checkpoint in ./runs/{resume}/last.pt; resume from the "
+                          f"directory the run was started in (it finished no epoch if the file never existed)")
+    return resume
