@@ -99,40 +99,11 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t >= 0 else tail
 
 
-def t_quantile_numeric(p: float, df: float) -> float:
-    """Student-t quantile without scipy: bisection on :func:`t_cdf` (accurate to ~1e-12
-    for any real df > 0; the normal quantile for df = inf)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if math.isinf(df) or df > 1e7:
-        return statistics.NormalDist().inv_cdf(p)
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_quantile_numeric(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
 def t_quantile(p: float, df: float) -> float:
-    """Student-t quantile: ``scipy.stats.t.ppf`` when scipy is installed (it is not a
-    dependency of kd-mlflow), else :func:`t_quantile_numeric`, an exact numeric inverse
-    of the t CDF (regularised incomplete beta + bisection), so Welch's non-integer
-    degrees of freedom need no table or normal approximation."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return t_quantile_numeric(p, df)
+    """Student-t quantile, ``scipy.stats.t.ppf`` (scipy comes with mlflow): Welch's
+    non-integer degrees of freedom need no table or normal approximation."""
+    from scipy import stats
+
     return float(stats.t.ppf(p, df))
 
 

@@ -16,7 +16,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -26,7 +25,7 @@ from conftest import BIN, REPO, mlflow_run, runs_of, unique_experiment
 
 from kd_mlflow.benchmark import BENCHMARK_FIELDS, parse_modes, plan
 from kd_mlflow.cli import main
-from kd_mlflow.compare import compare_experiment, holm, summarize, t_quantile, t_quantile_numeric, welch_interval
+from kd_mlflow.compare import compare_experiment, holm, summarize, t_cdf, t_quantile, welch_interval
 from kd_mlflow.config import ConfigError
 from kd_mlflow.modes import DISTILLATION_MODES
 from kd_mlflow.registry import parse_model_spec
@@ -38,22 +37,19 @@ T975 = {1: math.tan(math.pi * (0.975 - 0.5)), 2: 0.95 / math.sqrt(2 * 0.975 * 0.
 
 
 @pytest.mark.parametrize("df,expected", sorted(T975.items()))
-def test_t_quantile_without_scipy_matches_closed_forms_and_tables(df, expected, monkeypatch):
-    assert t_quantile_numeric(0.975, df) == pytest.approx(expected, rel=1e-9)
-    assert t_quantile_numeric(0.025, df) == pytest.approx(-expected, rel=1e-9)
-    assert t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)  # scipy, where installed
-    monkeypatch.setitem(sys.modules, "scipy", None)  # as without scipy: the import fails
+def test_t_quantile_matches_closed_forms_and_tables(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, rel=1e-9)
 
 
 def test_t_quantile_non_integer_df_and_normal_limit():
-    assert t_quantile_numeric(0.975, math.inf) == pytest.approx(1.959963984540054, rel=1e-12)
-    # between its integer neighbours, and equal to scipy where scipy is installed
-    q = t_quantile_numeric(0.975, 2.5)
+    assert t_quantile(0.975, math.inf) == pytest.approx(1.959963984540054, rel=1e-12)
+    # between its integer neighbours, and the inverse of the t CDF the p-values use
+    q = t_quantile(0.975, 2.5)
     assert T975[4] < q < T975[2]
-    scipy_stats = pytest.importorskip("scipy.stats")
     for df in (1.3, 2.5, 7.77, 55.0):
-        assert t_quantile_numeric(0.975, df) == pytest.approx(float(scipy_stats.t.ppf(0.975, df)), rel=1e-9)
+        for p in (0.025, 0.975):
+            assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, rel=1e-9)
 
 
 def test_welch_interval_needs_two_values_per_side():
@@ -261,7 +257,7 @@ def check_comparison(summary: pd.DataFrame, excluded: pd.DataFrame, ids: dict) -
     va, vb = statistics.variance(groups["rkd"]) / 3, statistics.variance(groups["nokd"]) / 2
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
     assert rows["rkd"]["gain_df"] == pytest.approx(df)
-    half = t_quantile_numeric(0.975, df) * math.sqrt(va + vb)
+    half = t_quantile(0.975, df) * math.sqrt(va + vb)
     gain = statistics.fmean(groups["rkd"]) - 81.0
     assert (rows["rkd"]["gain_ci_low"], rows["rkd"]["gain_ci_high"]) == (pytest.approx(gain - half),
                                                                            pytest.approx(gain + half))
