@@ -74,10 +74,12 @@ def plan(modes: str, seeds: int, values: dict) -> tuple[list[Config], list[str]]
         raise ConfigError(f"seeds must be >= 1 (the number of seeds: 0..N-1), got {seeds}")
     chosen = parse_modes(modes)
     notes = []
-    if "multikd" in chosen and not Config(ensemble=values.get("ensemble", "")).list_of("ensemble"):
-        chosen.remove("multikd")
-        notes.append("multikd skipped: it needs an ensemble of >= 2 teachers; pass -P ensemble=ckpt1.pt,ckpt2.pt "
-                     "(files or models:/ URIs) to include it")
+    for mode in list(chosen):
+        if MODES[mode].needs:
+            name, note = MODES[mode].needs
+            if not Config(**{name: values.get(name, "")}).list_of(name):
+                chosen.remove(mode)
+                notes.append(f"{mode} skipped: {note}")
     configs = []
     for seed in range(int(seeds)):
         for mode in chosen:
@@ -220,9 +222,6 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     with start_run(params, tags, run_name=f"benchmark-{base.dataset}-{base.student}") as parent:
         experiment_id = client.get_run(parent.run_id).info.experiment_id
         experiment = client.get_experiment(experiment_id).name
-        if values.get("experiment") and values["experiment"] != experiment:
-            echo(f"note: this benchmark runs in experiment {experiment!r} (the one `mlflow run` chose), not "
-                 f"{values['experiment']!r}; pass --experiment-name to `mlflow run` instead of -P experiment")
         result = BenchmarkResult(parent.run_id, experiment, notes=notes)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
         total = len(configs)

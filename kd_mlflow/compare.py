@@ -35,7 +35,7 @@ import pandas as pd
 
 from .config import Config, ConfigError
 from .tracking import shown_tracking_uri
-from .modes import DISTILLATION_MODES, EXECUTION, MODES, OPTIM
+from .modes import BASELINE, DISTILLATION_MODES, EXECUTION, MODES, OPTIM
 
 # Settings every mode has and that must agree for numbers to be comparable across
 # modes (seed varies by design; mode-specific parameters are checked per mode).
@@ -369,9 +369,9 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
         row.update({k: math.nan for k in ("gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p",
                                           "gain_p_holm", "gain_last_vs_nokd", "gain_last_ci_low",
                                           "gain_last_ci_high")})
-        if row["mode"] == "nokd":
+        if row["mode"] == BASELINE:
             continue
-        base = [b for b in rows if b["mode"] == "nokd" and b["dataset"] == row["dataset"]
+        base = [b for b in rows if b["mode"] == BASELINE and b["dataset"] == row["dataset"]
                 and b["student"] == row["student"]]
         if not base:
             continue
@@ -497,7 +497,7 @@ def comparison_figures(c: Comparison) -> dict:
 
     figures = {}
     if len(c.summary):
-        nokd = c.summary.loc[c.summary["mode"] == "nokd", "test_acc_mean"]
+        nokd = c.summary.loc[c.summary["mode"] == BASELINE, "test_acc_mean"]
         teachers = (c.runs.dropna(subset=["teacher_test_acc"]).groupby("teacher")["teacher_test_acc"].mean()
                     .to_dict())
         figures["figures/test_acc_by_mode.png"] = mode_comparison_points(

@@ -126,6 +126,14 @@ class Mode:
     # Where the frozen teachers come from: "teacher" (teacher/teacher_checkpoint),
     # "ensemble" (the ensemble list), or "" (none, or the strategy resolves its own).
     teacher_source: str = "teacher"
+    # cfg -> the run's `teacher` tag, for a mode whose teachers are not the ones loaded
+    # from teacher_source (a strategy that resolves its own); None: the loaded ones' archs.
+    teacher_tag: Callable | None = None
+    # The mode every other one is compared against (compare's gain, the figures).
+    baseline: bool = False
+    # (list parameter, note): a parameter without a usable default; a benchmark leaves
+    # the mode out, with the note, when it is not given.
+    needs: tuple = ()
 
     @property
     def fields(self) -> tuple:
@@ -168,7 +176,8 @@ LS = LOGIT_STANDARDIZATION  # on every mode whose loss compares logits
 
 _ALL = [
     Mode("nokd", "Student trained with cross-entropy only (the baseline).", "distiller",
-         (*DATA, *PAIR, LABELED_FRACTION, *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source=""),
+         (*DATA, *PAIR, LABELED_FRACTION, *OPTIM, *RUNTIME), "kd_mlflow.distillers.base:NoKD", teacher_source="",
+         baseline=True),
     Mode("kd", "Hinton et al. knowledge distillation from one frozen teacher.", "distiller",
          _kd(LABELED_FRACTION, LS), "kd_mlflow.distillers.kd:HintonKD"),
     Mode("allkd", "One KD student per teacher; the best student by validation accuracy wins.", "strategy",
@@ -180,7 +189,7 @@ _ALL = [
           Param("teacher_epochs", "int", 0, "allkd: epochs for teachers that must be trained first (0 = epochs).",
                 at_least(0, " (0 = epochs)")),
           *HINTON, LS, *OPTIM, *RUNTIME),
-         "kd_mlflow.strategies:allkd", teacher_source=""),
+         "kd_mlflow.strategies:allkd", teacher_source="", teacher_tag=lambda cfg: ",".join(cfg.list_of("teachers"))),
     Mode("kdparam", "Grid search over KD temperature x alpha, one nested run per pair.", "strategy",
          (*DATA, *PAIR,
           Param("temperatures", "str", "1,2,4,8,16", "kdparam: comma-separated temperatures of the grid.",
@@ -199,7 +208,9 @@ _ALL = [
                 lambda name, v, cfg: None if len(cfg.list_of(name)) >= 2 else
                 f"multikd needs an ensemble of >= 2 teachers, got {len(cfg.list_of(name))}; "
                 f"pass -P ensemble=ckpt1.pt,ckpt2.pt (files or models:/ URIs)"),
-          *HINTON, LS, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD", teacher_source="ensemble"),
+          *HINTON, LS, *OPTIM, *RUNTIME), "kd_mlflow.distillers.kd:MultiTeacherKD", teacher_source="ensemble",
+         needs=("ensemble", "it needs an ensemble of >= 2 teachers; pass -P ensemble=ckpt1.pt,ckpt2.pt "
+                            "(files or models:/ URIs) to include it")),
     Mode("uda", "KD on clean and RandAugment views plus UDA consistency on unlabelled data.", "distiller",
          _kd(Param("uda_weight", "float", 1.0, "uda: weight of the consistency term.", at_least(0)),
              Param("uda_temperature", "float", 0.4, "uda: sharpening temperature of the consistency target.",
@@ -257,6 +268,7 @@ _ALL = [
 _ALL = [m if m.kind == "strategy" else replace(m, parameters=(*m.parameters, "resume")) for m in _ALL]
 MODES: dict[str, Mode] = {m.name: m for m in _ALL}
 DISTILLATION_MODES = [m for m in MODES if m != "teacher"]
+BASELINE = next(m.name for m in _ALL if m.baseline)
 
 
 def declared_parameter(name: str, mode: str | None = None) -> Param | None:

@@ -21,6 +21,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .modes import BASELINE  # noqa: E402
+
 DPI = 150
 
 
@@ -211,7 +213,7 @@ def mode_comparison_points(summary: pd.DataFrame, teacher_acc: dict | None = Non
     ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
     labels = [_comparison_label(m, t, a) for m, t, a in zip(df["mode"], df["teacher"], ambiguous)]
     fig, ax = _figure((max(7.0, 1.1 * len(df) + 4), 5.5))
-    colors = ["#666666" if m == "nokd" else c for m, c in zip(df["mode"], sns.color_palette("deep", len(df)))]
+    colors = ["#666666" if m == BASELINE else c for m, c in zip(df["mode"], sns.color_palette("deep", len(df)))]
     means = df["test_acc_mean"].to_numpy(dtype=float)
     stds = df["test_acc_std"].to_numpy(dtype=float)
     for i, (mean, sd, n, color) in enumerate(zip(means, stds, df["runs"], colors)):
@@ -229,7 +231,7 @@ def mode_comparison_points(summary: pd.DataFrame, teacher_acc: dict | None = Non
             ax.axhline(acc, ls="--", lw=1.3, color=sns.color_palette("dark")[j % 10], label=f"teacher {teacher} ({acc:.2f})")
             references.append(acc)
     if nokd_acc is not None and not math.isnan(nokd_acc):
-        ax.axhline(nokd_acc, ls=":", lw=1.6, color="black", label=f"nokd mean ({nokd_acc:.2f})")
+        ax.axhline(nokd_acc, ls=":", lw=1.6, color="black", label=f"{BASELINE} mean ({nokd_acc:.2f})")
         references.append(nokd_acc)
     spread = np.nan_to_num(stds)
     floor, top = accuracy_axis_range([*(means - spread), *(means + spread), *references])

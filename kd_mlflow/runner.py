@@ -249,8 +249,8 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
     if main and mode.teacher_source == "teacher" and cfg.teacher_checkpoint and teacher_tag != cfg.teacher:
         print(f"note: the teacher checkpoint is a {teacher_tag}; -P teacher={cfg.teacher} is ignored",
               file=sys.stderr)
-    if mode.name == "allkd":
-        teacher_tag = ",".join(cfg.list_of("teachers"))
+    if mode.teacher_tag is not None:
+        teacher_tag = mode.teacher_tag(cfg)
     output = teacher_output_path(cfg) if mode.kind == "teacher" else None
     if output is not None:
         _check_writable(output)
