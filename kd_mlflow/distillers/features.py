@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Distiller
 
 
 def paired_stages(student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
@@ -88,3 +89,38 @@ def connected_pre_relu_pairs(distiller, s_stages, t_stages):
         fs, ft = match_spatial(s_stages[si], ft)
         yield w, connector(fs).float(), ft
 
+
+
+class StageFeatureDistiller(Distiller):
+    """A distiller that compares each paired stage as one vector per image (pkd, sfd):
+    ``pool`` reduces a stage map (fp32) to [B, C], ``connector(student width, teacher
+    width)`` maps the student's vector (a linear layer per pair), and ``stage_loss``
+    compares the two; :meth:`stage_terms` sums it over the paired stages."""
+
+    def __init__(self, student, teachers, cfg):
+        super().__init__(student, teachers, cfg)
+        self.pairs = paired_stages(student, self.teacher)
+        self.connectors = nn.ModuleList(
+            self.connector(student.stage_channels[si], self.teacher.stage_channels[ti]) for si, ti in self.pairs
+        )
+
+    def connector(self, student_channels: int, teacher_channels: int) -> nn.Module:
+        return nn.Linear(student_channels, teacher_channels)
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stage_loss(self, fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stage_terms(self, x):
+        """-> (student Features, teacher Features, sum over paired stages of stage_loss)."""
+        with torch.no_grad():
+            t = self.teacher.features(x)
+        s = self.student.features(x)
+        total = 0.0
+        for (si, ti), connector in zip(self.pairs, self.connectors):
+            vs = connector(self.pool(s.stages[si].float()))
+            vt = self.pool(t.stages[ti].float())
+            total = total + self.stage_loss(vs, vt)
+        return s, t, total

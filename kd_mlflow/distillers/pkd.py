@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller
-from .features import paired_stages
+from .features import StageFeatureDistiller
 from .kd import hinton_terms
 
 
@@ -24,26 +23,20 @@ def pkd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     return (s - t).pow(2).mean()
 
 
-class PatientKD(Distiller):
-    """{"ce": (1-a) CE, "kd": a KD, "pkd": beta * sum over paired stages of pkd_stage_loss}.
-    A linear connector (student width -> teacher width) sits on the pooled student
-    vector of each stage whose widths differ; equal widths are compared directly."""
+class PatientKD(StageFeatureDistiller):
+    """{"ce": (1-a) CE, "kd": a KD, "pkd": beta * sum over paired stages of pkd_stage_loss}
+    on globally average-pooled stage features. A linear connector (student width ->
+    teacher width) sits on the pooled student vector of each stage whose widths differ;
+    equal widths are compared directly."""
 
-    def __init__(self, student, teachers, cfg):
-        super().__init__(student, teachers, cfg)
-        self.pairs = paired_stages(student, self.teacher)
-        self.connectors = nn.ModuleList(
-            nn.Linear(cs, ct) if cs != ct else nn.Identity()
-            for cs, ct in ((student.stage_channels[si], self.teacher.stage_channels[ti]) for si, ti in self.pairs)
-        )
+    stage_loss = staticmethod(pkd_stage_loss)
+
+    def connector(self, student_channels: int, teacher_channels: int) -> nn.Module:
+        return nn.Linear(student_channels, teacher_channels) if student_channels != teacher_channels else nn.Identity()
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat.mean((2, 3))
 
     def forward(self, x, y):
-        with torch.no_grad():
-            t = self.teacher.features(x)
-        s = self.student.features(x)
-        total = 0.0
-        for (si, ti), connector in zip(self.pairs, self.connectors):
-            vs = connector(s.stages[si].float().mean((2, 3)))
-            vt = t.stages[ti].float().mean((2, 3))
-            total = total + pkd_stage_loss(vs, vt)
+        s, t, total = self.stage_terms(x)
         return s.logits, {**hinton_terms(s.logits, t.logits, y, self.cfg), "pkd": self.cfg.beta * total}

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import Distiller
-from .features import paired_stages
+from .features import StageFeatureDistiller
 
 
 def sfd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
@@ -25,26 +23,17 @@ def sfd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     return (distance / torch.linalg.vector_norm(ft, ord=2, dim=1).clamp_min(1e-6)).mean()
 
 
-class SimpleFeatureKD(Distiller):
+class SimpleFeatureKD(StageFeatureDistiller):
     """{"ce": CE, "sfd": beta * sum over paired stages of sfd_stage_loss(W_i maxpool(s_i), maxpool(t_i))}
     (the relative distance: see the module docstring).
     The linear connector W_i is always there (even for equal widths), so every
     student/teacher pair works."""
 
-    def __init__(self, student, teachers, cfg):
-        super().__init__(student, teachers, cfg)
-        self.pairs = paired_stages(student, self.teacher)
-        self.connectors = nn.ModuleList(
-            nn.Linear(student.stage_channels[si], self.teacher.stage_channels[ti]) for si, ti in self.pairs
-        )
+    stage_loss = staticmethod(sfd_stage_loss)
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat.amax((2, 3))
 
     def forward(self, x, y):
-        with torch.no_grad():
-            t = self.teacher.features(x)
-        s = self.student.features(x)
-        total = 0.0
-        for (si, ti), connector in zip(self.pairs, self.connectors):
-            vs = connector(s.stages[si].float().amax((2, 3)))
-            vt = t.stages[ti].float().amax((2, 3))
-            total = total + sfd_stage_loss(vs, vt)
+        s, _, total = self.stage_terms(x)
         return s.logits, {"ce": F.cross_entropy(s.logits.float(), y), "sfd": self.cfg.beta * total}

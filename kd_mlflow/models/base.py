@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,10 +22,37 @@ class FeatureNet(nn.Module):
     """
 
     stage_channels: list
+    stem: nn.Module
+    stages: nn.ModuleList
     fc: nn.Linear
 
-    def forward_stages(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward_stages(self, x):
+        """-> (each stage's output, shallow to deep; the pooled embedding): stem, stages,
+        then ReLU (after ``head_norm``) and global average pooling."""
+        feats = []
+        h = self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        embedding = F.adaptive_avg_pool2d(F.relu(self.head_norm(h)), 1).flatten(1)
+        return feats, embedding
+
+    def head_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """What the last stage's output passes before the final ReLU: nothing in a
+        post-activation network (a pre-activation one has its final BN here)."""
+        return h
+
+    def init_weights(self, zero_linear_bias: bool = False) -> None:
+        """He (fan_out) init of every conv, BN at weight 1 and bias 0; with
+        ``zero_linear_bias`` the classifier's bias at 0 too (else PyTorch's default)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif zero_linear_bias and isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, embedding = self.forward_stages(x)

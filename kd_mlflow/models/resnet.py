@@ -56,24 +56,7 @@ class ResNet(FeatureNet):
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(in_planes, num_classes)
         self.stage_channels = list(widths)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward_stages(self, x):
-        feats = []
-        h = self.stem(x)
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
-        embedding = F.adaptive_avg_pool2d(F.relu(h), 1).flatten(1)
-        return feats, embedding
+        self.init_weights()
 
     def bn_before_relu(self):
         """The BN whose output (plus the residual) is each stage's pre-ReLU feature."""

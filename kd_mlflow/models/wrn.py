@@ -50,23 +50,10 @@ class WideResNet(FeatureNet):
         self.bn = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
         self.stage_channels = widths
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.init_weights(zero_linear_bias=True)
 
-    def forward_stages(self, x):
-        feats = []
-        h = self.stem(x)
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
-        embedding = F.adaptive_avg_pool2d(F.relu(self.bn(h)), 1).flatten(1)
-        return feats, embedding
+    def head_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bn(h)
 
     def bn_before_relu(self):
         return [self.stages[1][0].bn1, self.stages[2][0].bn1, self.bn]
