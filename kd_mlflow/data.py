@@ -370,11 +370,15 @@ class DeviceBatches:
     are exactly the one-process batch. A last partial batch is split as evenly as
     possible (``global_size`` says how large the current global batch is); it is kept
     when every rank gets at least one image.
+
+    ``with_indices``: batches are (images, labels, indices), the indices the images'
+    rows in ``split`` (for methods that keep per-sample state, e.g. CRD's memory bank);
+    the draws are the same either way.
     """
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, *, device,
                  shuffle: bool, augment: bool, seed: int = 0, channels_last: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, with_indices: bool = False):
         self.x = split.x.to(device)
         self.y = split.y.to(device)
         self.info = info
@@ -383,6 +387,7 @@ class DeviceBatches:
         self.shuffle = shuffle
         self.augment = augment
         self.channels_last = channels_last
+        self.with_indices = with_indices
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1) * 255
@@ -414,10 +419,14 @@ class DeviceBatches:
             b = len(idx)
             lo, hi = b * self.rank // self.world_size, b * (self.rank + 1) // self.world_size
             self.global_size = b
-            x = self.x[idx[lo:hi]]
+            rows = idx[lo:hi]
+            x = self.x[rows]
             if self.augment:
                 x = self._augment(x, b, lo)
-            yield self.normalize(x), self.y[idx[lo:hi]]
+            if self.with_indices:
+                yield self.normalize(x), self.y[rows], rows
+            else:
+                yield self.normalize(x), self.y[rows]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = (x_uint8.float() - self.mean) / self.std

@@ -257,8 +257,8 @@ class _Step(nn.Module):
         super().__init__()
         self.distiller = distiller
 
-    def forward(self, x, y):
-        logits, losses = self.distiller(x, y)
+    def forward(self, x, y, **kwargs):  # kwargs: e.g. index=, for a Distiller that wants_indices
+        logits, losses = self.distiller(x, y, **kwargs)
         return logits.detach(), losses
 
 

@@ -192,8 +192,11 @@ class Trainer:
         self.desc = progress_desc or cfg.mode
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         shard = {"rank": self.rank, "world_size": self.world_size}
+        # A method with per-sample state (CRD's memory bank) also gets each image's row in
+        # data.train, as forward(x, y, index=rows); the batches are the same either way.
         self.train_batches = DeviceBatches(data.train, data.info, cfg.batch_size, device=device,
-                                           shuffle=True, augment=True, seed=cfg.seed, **shard)
+                                           shuffle=True, augment=True, seed=cfg.seed,
+                                           with_indices=distiller.wants_indices, **shard)
         self.val_batches = DeviceBatches(data.val, data.info, max(cfg.batch_size, 256), device=device,
                                          shuffle=False, augment=False, **shard)
         self.cuda_graphs = bool(cfg.compile) and device.type == "cuda"
@@ -277,11 +280,11 @@ class Trainer:
         bar = tqdm(batches, desc=f"[{self.desc}] epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not interactive, file=sys.stderr)
         start = time.perf_counter()
-        for x, y in bar:
+        for x, y, *rows in bar:
             if self.cuda_graphs:  # a new training step: earlier steps' graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, self.amp_dtype):
-                logits, losses = self.step_module(x, y)
+                logits, losses = self.step_module(x, y, index=rows[0]) if rows else self.step_module(x, y)
                 loss = sum(losses.values())
             if len(y) * self.world_size != batches.global_size:
                 # Unequal shards (a last partial batch): DDP averages the ranks' gradients

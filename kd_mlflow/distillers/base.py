@@ -39,6 +39,10 @@ class Distiller(nn.Module):
     # True when some trainable parameters get no gradient in some steps (data-parallel
     # training must then look for them every step; see distributed.wrap).
     leaves_parameters_unused = False
+    # True when the method keeps per-sample state (CRD's memory bank): the trainer then
+    # calls forward(x, y, index=rows), rows the images' positions in data.train (each
+    # rank's share of them when sharded); other methods' batches are left as they are.
+    wants_indices = False
 
     def __init__(self, student: nn.Module, teachers=(), cfg=None):
         super().__init__()
