@@ -96,13 +96,21 @@ def _ab_config():
                            alpha=0.1, device="cpu", precision="fp32")
 
 
-def _train_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One rank of a tiny AB training (a KD mode with connectors, which leaves parameters
-    unused in each phase) in float64, through the real Trainer; saves what it saw."""
+def as_rank(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of ``world`` (torchrun's environment; the
+    process group starts with distributed.session), on one thread, its batches in float64."""
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    normalize = DeviceBatches.normalize
+    DeviceBatches.normalize = lambda self, x: normalize(self, x).double()  # this spawned process only
+
+
+def _train_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of a tiny AB training (a KD mode with connectors, which leaves parameters
+    unused in each phase) in float64, through the real Trainer; saves what it saw."""
+    as_rank(rank, world, port)
     from kd_mlflow import distributed
     from kd_mlflow.data import DataBundle
     from kd_mlflow.distillers.ab import ActivationBoundaries
@@ -110,8 +118,6 @@ def _train_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
     from kd_mlflow.tracking import NullTracker
     from kd_mlflow.trainer import Trainer, evaluate, seed_everything
 
-    normalize = DeviceBatches.normalize
-    DeviceBatches.normalize = lambda self, x: normalize(self, x).double()  # this spawned process only
     cfg = _ab_config()
     with distributed.session(torch.device("cpu"), cfg.batch_size, world) as device:
         torch.manual_seed(1)
@@ -130,8 +136,9 @@ def _train_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
                    Path(out_dir) / f"{world}-{rank}.pt")
 
 
-def _spawn(worlds: tuple[int, ...], out_dir: Path) -> dict[int, list[dict]]:
-    """Run a 1-process and a 2-process training side by side -> {world: [rank results]}."""
+def _spawn(worlds: tuple[int, ...], out_dir: Path, target=_train_in_process) -> dict[int, list[dict]]:
+    """Run a 1-process and a 2-process training side by side -> {world: [rank results]}:
+    ``target(rank, world, port, out_dir)`` saves rank r's results as <out_dir>/<world>-<r>.pt."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -140,7 +147,7 @@ def _spawn(worlds: tuple[int, ...], out_dir: Path) -> dict[int, list[dict]]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        procs += [ctx.Process(target=_train_in_process, args=(r, world, port, str(out_dir))) for r in range(world)]
+        procs += [ctx.Process(target=target, args=(r, world, port, str(out_dir))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
