@@ -29,6 +29,7 @@ TERMS = {
     "sfd": ("ce", "sfd"),
     "dkd": ("ce", "tckd", "nckd"),
     "dist": ("ce", "dist_inter", "dist_intra"),
+    "crd": ("ce", "kd", "crd"),
 }
 SINGLE = {m: (EXTRA.get(m, {}), TERMS.get(m, ("ce",)))
           for m, spec in MODES.items() if spec.kind == "distiller" and m not in OWN_TEST}

@@ -76,5 +76,5 @@ def test_strategies_pass_it_to_their_kd_links(mode):
 
 def test_the_logit_modes_and_not_the_feature_modes_take_it():
     assert {"kd", "multikd", "kdparam", "takd", "triplet", "uda", "dkd", "dist"} <= set(LOGIT_MODES)
-    assert not {"nokd", "oh", "ab", "sfd", "pkd", "rkd", "teacher"} & set(LOGIT_MODES)
+    assert not {"nokd", "oh", "ab", "sfd", "pkd", "rkd", "crd", "teacher"} & set(LOGIT_MODES)
     assert all(MODES[m].param("logit_standardization").default is False for m in LOGIT_MODES)

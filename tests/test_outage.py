@@ -264,7 +264,7 @@ def test_nested_run_opened_while_the_server_is_away_goes_offline_and_sync_nests_
             assert {"config.json", "figures"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
             models = client.search_logged_models([parent.info.experiment_id],
                                                  filter_string=f"source_run_id = '{child.info.run_id}'")
-            assert [m.name for m in models] == ["model"]
+            assert [m.name for m in models] == ["kd-resnet8"]  # <mode>-<student>
         second = children["kd-T4-alpha0.9"]
         assert second.data.params["alpha"] == "0.9"
         assert second.data.tags["kd_mlflow.synced_from"] == offline_id
