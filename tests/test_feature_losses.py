@@ -17,7 +17,7 @@ from kd_mlflow.distillers.ab import ActivationBoundaries, ab_loss
 from kd_mlflow.distillers.features import match_spatial, paired_stages, teacher_pre_relu
 from kd_mlflow.distillers.oh import Overhaul, overhaul_margin, partial_l2
 from kd_mlflow.distillers.pkd import PatientKD, pkd_stage_loss
-from kd_mlflow.distillers.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss
+from kd_mlflow.distillers.rkd import RelationalKD, rkd_losses
 from kd_mlflow.distillers.sfd import SimpleFeatureKD, sfd_stage_loss
 from kd_mlflow.models import create_model
 from kd_mlflow.modes import MODES
@@ -202,6 +202,14 @@ def test_overhaul_distiller_margins_from_teacher_bns():
 
 
 # ------------------------------------------------------------------ RKD
+def rkd_distance_loss(es, et):
+    return rkd_losses(es, et)[0]
+
+
+def rkd_angle_loss(es, et):
+    return rkd_losses(es, et)[1]
+
+
 def test_rkd_distance_hand_worked():
     # 1-D points; student 0,100,101 vs teacher 0,1,101: normalised distances
     # (300/202, 303/202, 3/202) vs (3/202, 303/202, 300/202): two Huber terms in the
@@ -232,10 +240,46 @@ def test_rkd_losses_match_loops():
     assert close(rkd_angle_loss(es, et), ref_rkd_angle(es, et))
 
 
+def indexed_rkd(es, et):
+    """RKD's two terms by explicit lists of the pairs (i != j) and triplets (i != j,
+    k != j) they average over, one row each: differentiable, so the gradients of the
+    batched form can be checked too."""
+    n = len(es)
+    pairs = torch.tensor([(i, j) for i in range(n) for j in range(n) if i != j])
+    triplets = torch.tensor([(i, j, k) for i in range(n) for j in range(n) for k in range(n) if j not in (i, k)])
+
+    def distances(e):
+        sq = (e[pairs[:, 0]] - e[pairs[:, 1]]).pow(2).sum(1)
+        d = sq.clamp_min(1e-12).sqrt()
+        return d / d[sq > 0].mean()
+
+    def cosines(e):
+        u, v = e[triplets[:, 0]] - e[triplets[:, 1]], e[triplets[:, 2]] - e[triplets[:, 1]]
+        return (u * v).sum(1) / (u.norm(dim=1).clamp_min(1e-12) * v.norm(dim=1).clamp_min(1e-12))
+
+    return (F.smooth_l1_loss(distances(es), distances(et).detach()),
+            F.smooth_l1_loss(cosines(es), cosines(et).detach()))
+
+
+@pytest.mark.parametrize("n, duplicate", [(2, False), (17, False), (24, True)])
+def test_rkd_losses_and_gradients_match_an_indexed_form(n, duplicate):
+    g = torch.Generator().manual_seed(n)
+    es, et = torch.randn(n, 8, generator=g).relu(), torch.randn(n, 12, generator=g).relu() * 2
+    if duplicate:  # coincident embeddings: zero difference vectors on both sides
+        es[3], et[5] = es[1], et[2]
+    es.requires_grad_()
+    got, want = rkd_losses(es, et), indexed_rkd(es, et)
+    for a, b in zip(got, want):
+        assert close(a, b)
+        (ga,) = torch.autograd.grad(a, es, retain_graph=True)
+        (gb,) = torch.autograd.grad(b, es, retain_graph=True)
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6 * gb.abs().max().item())
+
+
 def test_rkd_teacher_side_has_no_grad_and_duplicates_stay_finite():
     es = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0], [3.0, 0.0]], requires_grad=True)
     et = torch.randn(4, 3, requires_grad=True)
-    (rkd_distance_loss(es, et) + rkd_angle_loss(es, et)).backward()
+    sum(rkd_losses(es, et)).backward()
     assert torch.isfinite(es.grad).all() and et.grad is None
 
 
