@@ -1,6 +1,7 @@
 """Throughput and overhead benchmark: the package's trainer against a plain reference loop.
 
-    python bench/throughput.py                 # CPU, Fashion-MNIST, full table (minutes)
+    python bench/throughput.py                 # CPU, Fashion-MNIST, every mode (tens of minutes)
+    python bench/throughput.py --modes rkd,oh  # CPU, only these modes' rows
     python bench/throughput.py --quick         # tiny smoke run (what the test suite runs)
     python bench/throughput.py --device cuda --cifar-shaped   # GPU: 3x32x32 inputs, batch sweep
     python bench/throughput.py --device cuda --cifar-shaped --compile --batch-sizes 1024
@@ -13,10 +14,18 @@ It prints a table and writes JSON (``--json PATH``, default bench/results/<time>
     on the device, channels_last, precision=auto, metrics read once per epoch);
 (b) the reference: what most KD research code does: a torchvision dataset with
     per-sample PIL transforms, a DataLoader with 2 workers, the fp32 teacher run on
-    every batch, a loss ``.item()`` per step.
+    every batch, a loss ``.item()`` per step; the loss written the way the method's
+    public code writes it: rkd as RepDistiller's RKDLoss (torch pdist-style distances,
+    F.normalize + bmm over all N^3 triplets) and DistillKL, oh as the overhaul authors'
+    Distiller (connectors, margins from the teacher's BNs via scipy, their
+    distillation_loss) — except that the teacher runs under no_grad, in eval mode.
 
-Both train the same models with the same optimizer on the same images for one epoch
-after a warm-up; the ratio (a)/(b) is printed per mode. Also measured: MLflow logging
+The CPU table has a package row for every single-training ("distiller") mode of the
+registry, resnet20 -> resnet8 (multikd: resnet20 + resnet14 -> resnet8); the modes with
+a reference loop (nokd, kd, rkd, oh) also get its img/s and the ratio (a)/(b). Both
+train the same models with the same optimizer on the same images for one epoch after a
+warm-up (the package: its second epoch; ab's is its first KD epoch, after one epoch of
+activation-boundary initialisation). Also measured: MLflow logging
 cost as a share of an epoch (tracker calls timed on the training thread, and the same
 epoch with the tracker on and off), ``log_model`` seconds, process start to first
 training step (from a real ``kd-mlflow train`` subprocess), and peak memory.
@@ -37,6 +46,7 @@ import argparse
 import contextlib
 import gzip
 import json
+import math
 import os
 import resource
 import shutil
@@ -54,19 +64,30 @@ sys.path.insert(0, str(REPO))
 
 from kd_mlflow.config import Config  # noqa: E402
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split, load_data  # noqa: E402
-from kd_mlflow.distillers.base import NoKD  # noqa: E402
 from kd_mlflow.distillers.kd import HintonKD, hinton_kd_loss  # noqa: E402
-from kd_mlflow.distillers.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss  # noqa: E402
 from kd_mlflow.models import create_model  # noqa: E402
+from kd_mlflow.modes import MODES  # noqa: E402
 from kd_mlflow.tracking import NullTracker  # noqa: E402
 from kd_mlflow.trainer import Trainer, resolve_device, resolve_precision  # noqa: E402
 
-MODES = {  # mode -> (distiller, teacher arch, student arch)
-    "nokd": (NoKD, None, "resnet8"),
-    "kd": (HintonKD, "resnet20", "resnet8"),
-    "rkd": (RelationalKD, "resnet20", "resnet8"),
-}
+STUDENT, TEACHER, ENSEMBLE = "resnet8", "resnet20", ("resnet20", "resnet14")
+REFERENCE_MODES = ("nokd", "kd", "rkd", "oh")  # the modes reference_loss writes
+QUICK_MODES = REFERENCE_MODES
 GPU_PAIRS = {"kd resnet56->resnet20": ("resnet56", "resnet20"), "kd resnet18->resnet8": ("resnet18", "resnet8")}
+
+
+def distiller_modes() -> list[str]:
+    """Every single-training mode of the registry, in its order."""
+    return [name for name, mode in MODES.items() if mode.kind == "distiller"]
+
+
+def teacher_archs(mode: str) -> tuple:
+    return {"teacher": (TEACHER,), "ensemble": ENSEMBLE}.get(MODES[mode].teacher_source, ())
+
+
+def mode_config(cfg: Config, mode: str) -> Config:
+    """``cfg``'s common fields with ``mode`` and that mode's own parameter defaults."""
+    return cfg.replace(mode=mode, method={p.name: p.default for p in MODES[mode].params})
 
 
 # ------------------------------------------------------------------ (b) reference
@@ -113,41 +134,170 @@ class PILImages(torch.utils.data.Dataset):
         return self.tf(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)), self.y[i]
 
 
+class DistillKL(torch.nn.Module):
+    """RepDistiller's (HobbitLong/RepDistiller, distiller_zoo/KD.py) Hinton KD loss."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+
+    def forward(self, y_s, y_t):
+        p_s = F.log_softmax(y_s / self.T, dim=1)
+        p_t = F.softmax(y_t / self.T, dim=1)
+        return F.kl_div(p_s, p_t, reduction="sum") * (self.T ** 2) / y_s.shape[0]
+
+
+class RKDLoss(torch.nn.Module):
+    """RepDistiller's RKDLoss (distiller_zoo/RKD.py), as written there: distances from
+    the Gram matrix, means over all N^2 pairs and all N^3 triplets."""
+
+    def __init__(self, w_d=25, w_a=50):
+        super().__init__()
+        self.w_d = w_d
+        self.w_a = w_a
+
+    def forward(self, f_s, f_t):
+        student = f_s.view(f_s.shape[0], -1)
+        teacher = f_t.view(f_t.shape[0], -1)
+
+        with torch.no_grad():  # RKD distance loss
+            t_d = self.pdist(teacher, squared=False)
+            mean_td = t_d[t_d > 0].mean()
+            t_d = t_d / mean_td
+        d = self.pdist(student, squared=False)
+        mean_d = d[d > 0].mean()
+        d = d / mean_d
+        loss_d = F.smooth_l1_loss(d, t_d)
+
+        with torch.no_grad():  # RKD angle loss
+            td = (teacher.unsqueeze(0) - teacher.unsqueeze(1))
+            norm_td = F.normalize(td, p=2, dim=2)
+            t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+        sd = (student.unsqueeze(0) - student.unsqueeze(1))
+        norm_sd = F.normalize(sd, p=2, dim=2)
+        s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+        loss_a = F.smooth_l1_loss(s_angle, t_angle)
+
+        return self.w_d * loss_d + self.w_a * loss_a
+
+    @staticmethod
+    def pdist(e, squared=False, eps=1e-12):
+        e_square = e.pow(2).sum(dim=1)
+        prod = e @ e.t()
+        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
+        if not squared:
+            res = res.sqrt()
+        res = res.clone()
+        res[range(len(e)), range(len(e))] = 0
+        return res
+
+
+def overhaul_distillation_loss(source, target, margin):
+    """The overhaul authors' (clovaai/overhaul-distillation, CIFAR-100/distiller.py)
+    partial L2, as written there."""
+    target = torch.max(target, margin)
+    loss = F.mse_loss(source, target, reduction="none")
+    loss = loss * ((source > target) | (target > 0)).float()
+    return loss.sum()
+
+
+def overhaul_connector(t_channel, s_channel):
+    C = [torch.nn.Conv2d(s_channel, t_channel, kernel_size=1, stride=1, padding=0, bias=False),
+         torch.nn.BatchNorm2d(t_channel)]
+    for m in C:
+        if isinstance(m, torch.nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2. / n))
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+    return torch.nn.Sequential(*C)
+
+
+def overhaul_margin_from_bn(bn):
+    """The authors' get_margin_from_BN: per channel, with scipy's normal CDF."""
+    from scipy.stats import norm
+
+    margin = []
+    std = bn.weight.data
+    mean = bn.bias.data
+    for (s, m) in zip(std, mean):
+        s = abs(s.item())
+        m = m.item()
+        if norm.cdf(-m / s) > 0.001:
+            margin.append(- s * math.exp(- (m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / norm.cdf(-m / s) + m)
+        else:
+            margin.append(-3 * s)
+    return torch.FloatTensor(margin).to(std.device)
+
+
+def reference_loss(mode: str, student, teacher, device):
+    """-> (the trainable parameters, loss(x, y)) of ``mode`` in the reference loop."""
+    if mode == "nokd":
+        return list(student.parameters()), lambda x, y: F.cross_entropy(student(x), y)
+    if mode == "kd":
+        def kd(x, y):
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            return 0.1 * F.cross_entropy(s, y) + 0.9 * hinton_kd_loss(s, t, 4.0)
+
+        return list(student.parameters()), kd
+    if mode == "rkd":  # RepDistiller's train_distill: gamma CE + alpha KL + beta RKD(last feature)
+        criterion_div, criterion_kd = DistillKL(4.0), RKDLoss(25, 50)
+
+        def rkd(x, y):
+            with torch.no_grad():
+                t = teacher.features(x)
+            s = student.features(x)
+            return (0.1 * F.cross_entropy(s.logits, y) + 0.9 * criterion_div(s.logits, t.logits)
+                    + criterion_kd(s.embedding, t.embedding))
+
+        return list(student.parameters()), rkd
+    if mode == "oh":  # the authors' Distiller.forward and their CE + loss_distill / batch / 1000
+        connectors = torch.nn.ModuleList(
+            overhaul_connector(t, s) for t, s in zip(teacher.stage_channels, student.stage_channels)).to(device)
+        margins = [overhaul_margin_from_bn(bn).unsqueeze(1).unsqueeze(2).unsqueeze(0).detach()
+                   for bn in teacher.bn_before_relu()]
+
+        def oh(x, y):
+            with torch.no_grad():
+                t_feats = teacher.features(x).stages
+            s = student.features(x)
+            feat_num = len(t_feats)
+            loss_distill = 0
+            for i in range(feat_num):
+                loss_distill += overhaul_distillation_loss(connectors[i](s.stages[i]), t_feats[i].detach(),
+                                                           margins[i]) / 2 ** (feat_num - i - 1)
+            return F.cross_entropy(s.logits, y) + loss_distill.sum() / x.shape[0] / 1000
+
+        return list(student.parameters()) + list(connectors.parameters()), oh
+    raise ValueError(f"no reference loop for {mode!r}; these have one: {', '.join(REFERENCE_MODES)}")
+
+
 def reference_epoch(mode: str, dataset, n_images: int, batch_size: int, workers: int, *, device=None,
                     teacher_arch=None, student_arch=None, num_classes: int = 10, in_channels: int = 1) -> float:
     """One epoch of the plain loop over the first ``n_images``; -> images/s."""
-    _, t_arch, s_arch = MODES[mode]
-    teacher_arch, student_arch = teacher_arch or t_arch, student_arch or s_arch
+    teacher_arch = teacher_arch or (TEACHER if mode != "nokd" else None)
     device = torch.device(device or "cpu")
     torch.manual_seed(0)
-    student = create_model(student_arch, num_classes, in_channels).to(device)
+    student = create_model(student_arch or STUDENT, num_classes, in_channels).to(device)
     teacher = create_model(teacher_arch, num_classes, in_channels).to(device).eval() if teacher_arch else None
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    params, loss_of = reference_loss(mode, student, teacher, device)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     subset = torch.utils.data.Subset(dataset, range(n_images))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          persistent_workers=False, pin_memory=device.type == "cuda")
 
     def step(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mode == "nokd":
-            loss = F.cross_entropy(student(x), y)
-        elif mode == "kd":
-            with torch.no_grad():
-                t = teacher(x)
-            s = student(x)
-            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * hinton_kd_loss(s, t, 4.0)
-        else:  # rkd
-            with torch.no_grad():
-                t = teacher.features(x)
-            s = student.features(x)
-            loss = (0.1 * F.cross_entropy(s.logits, y) + 0.9 * hinton_kd_loss(s.logits, t.logits, 4.0)
-                    + 25 * rkd_distance_loss(s.embedding, t.embedding) + 50 * rkd_angle_loss(s.embedding, t.embedding))
+        loss = loss_of(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         return loss.item()  # what such loops do for their progress bar
 
-    student.train()
+    student.train()  # (oh's connectors train too: their BNs use batch statistics from the start)
     for i, (x, y) in enumerate(loader):  # warm-up: a few batches
         step(x, y)
         if i == 2:
@@ -184,20 +334,24 @@ class TimedTracker(NullTracker):
 
 def package_epochs(mode: str, data: DataBundle, cfg: Config, device, amp, tracker, epochs: int = 2,
                    student_arch=None, teacher_arch=None) -> dict:
-    cls, t_arch, s_arch = MODES[mode]
+    """``epochs`` epochs of ``mode`` (its own parameters at their defaults, the rest from
+    ``cfg``) with the package's trainer; -> the last epoch's numbers."""
+    cfg = mode_config(cfg, mode).replace(epochs=epochs)  # e.g. ab splits its epochs into two phases
+    cls = MODES[mode].load()
     info = data.info
     torch.manual_seed(0)
-    student = create_model(student_arch or s_arch, info.num_classes, info.in_channels)
-    teacher_arch = teacher_arch or t_arch
-    teachers = [create_model(teacher_arch, info.num_classes, info.in_channels)] if teacher_arch else []
+    student = create_model(student_arch or STUDENT, info.num_classes, info.in_channels)
+    archs = (teacher_arch,) if teacher_arch else teacher_archs(mode)
+    teachers = [create_model(arch, info.num_classes, info.in_channels) for arch in archs]
     distiller = cls(student, teachers, cfg)
+    data = cls.adapt_data(data, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(distiller, data, cfg.replace(epochs=epochs), device=device, amp_dtype=amp,
+        trainer = Trainer(distiller, data, cfg, device=device, amp_dtype=amp,
                           tracker=tracker, workdir=Path(tmp), epochs=epochs, progress_desc=f"bench {mode}")
         fit = trainer.fit()
     last = fit.history[-1]  # epoch 0 is the warm-up (allocator, oneDNN/cuDNN autotuning)
     return {"images_per_second": last["images_per_second"], "epoch_seconds": last["epoch_seconds"],
-            "train_loss": last["train_loss"]}
+            "train_loss": last["train_loss"], "pair": f"{'+'.join(archs) or 'no teacher'} -> {student_arch or STUDENT}"}
 
 
 # ------------------------------------------------------------------ overheads
@@ -318,6 +472,9 @@ def accuracy_check(epochs: int, device, amp, data_dir: str = "") -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--modes", default="",
+                    help="CPU table: comma-separated modes (default: every distiller mode; quick: "
+                         + ",".join(QUICK_MODES) + ")")
     ap.add_argument("--images", type=int, default=0,
                     help="training images per epoch (default 12800, --cifar-shaped 51200; quick 512)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -356,14 +513,20 @@ def main(argv=None) -> dict:
     elif args.cifar_shaped:
         cifar_shaped_table(args, cfg, device, amp, n, result, save)
     else:
+        modes = args.modes.split(",") if args.modes else list(QUICK_MODES if args.quick else distiller_modes())
+        unknown = [m for m in modes if m not in distiller_modes()]
+        if unknown:
+            ap.error(f"not single-training modes: {', '.join(unknown)}; choose from {', '.join(distiller_modes())}")
         data = load_data(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = _torchvision_fashion_mnist(Path(tmp), args.data_dir)
-            for mode in MODES:
-                pkg = package_epochs(mode, data, cfg.replace(compile=args.compile), device, amp, NullTracker())
-                ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device)
-                result["modes"][mode + (" compile" if args.compile else "")] = {
-                    "package": pkg, "reference_images_per_second": ref, "ratio": pkg["images_per_second"] / ref}
+            for mode in modes:
+                row = {"package": package_epochs(mode, data, cfg.replace(compile=args.compile), device, amp,
+                                                 NullTracker())}
+                if mode in REFERENCE_MODES:
+                    ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device)
+                    row.update(reference_images_per_second=ref, ratio=row["package"]["images_per_second"] / ref)
+                result["modes"][mode + (" compile" if args.compile else "")] = row
                 save(result)
         if not args.compile:  # with --compile, the table rows only: the overheads are the default run's
             with tempfile.TemporaryDirectory() as tmp:
@@ -388,12 +551,13 @@ def _print_table(r: dict) -> None:
     print(f"\ndevice {r['device']} ({r.get('gpu', r['cpu'])}), precision {r['precision']}, torch {r['torch']}, "
           f"{r['threads']} threads, {r['images_per_epoch']} images/epoch, batch {r['batch_size']}")
     if r["modes"]:
-        print(f"{'mode':<36}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
+        print(f"{'mode':<44}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
     for mode, m in r["modes"].items():
         ref = m.get("reference_images_per_second")
         ref_text = f"{ref:.0f}" if ref else "-"
         ratio_text = f"{m['ratio']:.2f}x" if ref else "-"
-        print(f"{mode:<36}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
+        label = mode if " " in mode else f"{mode} ({m['package']['pair']})"  # GPU rows name their pair
+        print(f"{label:<44}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
     if "mlflow" in r:
         ml = r["mlflow"]
         print(f"MLflow tracker calls: {ml['tracker_seconds_per_epoch'] * 1000:.1f} ms/epoch = "
