@@ -75,6 +75,10 @@ class Config:
                               "(pays a one-off compile time).")
     system_metrics: bool = _f(True, "Log CPU, memory, disk and network use (and GPU use where pynvml sees "
                                     "a GPU) as MLflow system metrics every 10 s; rank 0 only.")
+    teacher_cache: bool = _f(True, "Compute a frozen teacher's logits once per batch stream and reuse them in the "
+                                   "trainings of one process that see the same batches (kdparam's grid, allkd, "
+                                   "a benchmark's modes of one seed); bit-identical results. false = the teacher "
+                                   "runs in every training.")
     nproc_per_node: int = _f(1, "Data-parallel processes on this machine (one per GPU; torchrun is started for "
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")

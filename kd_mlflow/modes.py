@@ -56,12 +56,12 @@ def within(low, high, open_low: bool = False):
 
 DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
-RUNTIME = ("seed", "device", "precision", "compile", "system_metrics", "nproc_per_node", "experiment",
-           "registered_model")
+RUNTIME = ("seed", "device", "precision", "compile", "system_metrics", "teacher_cache", "nproc_per_node",
+           "experiment", "registered_model")
 # Where and how a run ran, not what it computed (a benchmark's resume and a comparison
 # never tell runs apart by these).
-EXECUTION = ("device", "precision", "compile", "system_metrics", "nproc_per_node", "data_dir", "experiment",
-             "registered_model")
+EXECUTION = ("device", "precision", "compile", "system_metrics", "teacher_cache", "nproc_per_node", "data_dir",
+             "experiment", "registered_model")
 PAIR = ("student", "teacher", "teacher_checkpoint")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, teacher_cache
 from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError, unwritable_reason
 from .data import DataBundle, DeviceBatches, class_names, load_data
@@ -104,9 +104,11 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     if distributed.is_main():
         tracker.log_datasets(data.datasets())
     workdir = RUNS_DIR / (tracker.run_id or "untracked")
-    fit = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
-                  workdir=workdir, progress_desc=desc or cfg.mode).fit(resume_state)
-    final = {}
+    trainer = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
+                      workdir=workdir, progress_desc=desc or cfg.mode)
+    stream = teacher_cache.attach(trainer, resumed=resume_state is not None)
+    fit = trainer.fit(resume_state)
+    final = stream.metrics() if stream is not None else {}  # teacher forwards computed and reused
     if rt.amp_dtype is not None:
         # The autocast student's score, kept under its own name: it is not the number of
         # the fp32 model that is exported and registered.

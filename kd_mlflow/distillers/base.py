@@ -43,6 +43,9 @@ class Distiller(nn.Module):
     # calls forward(x, y, index=rows), rows the images' positions in data.train (each
     # rank's share of them when sharded); other methods' batches are left as they are.
     wants_indices = False
+    # A teacher_cache.Stream while a training runs inside a teacher-cache session (the
+    # runner attaches it); None: the teachers run on every batch.
+    teacher_cache = None
 
     def __init__(self, student: nn.Module, teachers=(), cfg=None):
         super().__init__()
@@ -104,8 +107,21 @@ class Distiller(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teachers.")}
 
     @torch.no_grad()
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
+    def teacher_outputs(self, x: torch.Tensor, index: int = 0, embedding: bool = False):
+        """-> (logits, pooled penultimate embedding or None) of teacher ``index`` on ``x``.
+        Within a teacher-cache session (kdparam, allkd, a benchmark) they are read from
+        the cache when an earlier training ran the same teacher on this very batch of
+        the same data stream (teacher_cache.py says when); else the teacher runs."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.outputs(index, self.teachers[index], x, embedding)
+        teacher = self.teachers[index]
+        if embedding:
+            f = teacher.features(x)
+            return f.logits, f.embedding
+        return teacher(x), None
+
+    def teacher_logits(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return self.teacher_outputs(x, index)[0]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -96,7 +96,7 @@ class MultiTeacherKD(Distiller):
     @torch.no_grad()
     def ensemble_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, C) fp32 logits of every teacher, one forward each."""
-        return torch.stack([t(x).float() for t in self.teachers])
+        return torch.stack([self.teacher_logits(x, k).float() for k in range(len(self.teachers))])
 
     def forward(self, x, y):
         t_logits = self.ensemble_logits(x)
