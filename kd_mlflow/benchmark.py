@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+from . import teacher_cache
 from .config import Config, ConfigError
 from .modes import DISTILLATION_MODES, EXECUTION, MODES
 
@@ -26,7 +27,7 @@ from .modes import DISTILLATION_MODES, EXECUTION, MODES
 # that have them; a benchmark of the committed teachers needs no teacher training.
 BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "teachers", "temperatures",
                     "alphas", "labeled_fraction", "epochs", "batch_size", "lr", "train_subset", "val_size",
-                    "test_subset", "device", "precision", "data_dir", "experiment")
+                    "test_subset", "device", "precision", "teacher_cache", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
 RESUME_IGNORES = set(EXECUTION)
@@ -193,6 +194,45 @@ def run_cell(cfg: Config, factory):
         return None, f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def train_pairs(configs: list[Config], parent, result: BenchmarkResult, *, existing=(), register: bool = False,
+                echo=print, on_registered=None):
+    """Train each pair of ``configs`` as a run nested under ``parent`` (a tracker), except
+    those already finished in ``existing`` runs, into ``result``'s trained, skipped and
+    failed lists -> the teacher cache's Counts (None when teacher_cache is off).
+
+    The pairs share a teacher cache (teacher_cache.py): the modes of one seed that run
+    the same teacher on the same batches (kd, triplet, dkd, dist, multikd's members,
+    takd's first link) run it once. Pairs run seed-major and another seed never sees
+    the same batches, so the cache is emptied when the seed changes."""
+    total = len(configs)
+    with teacher_cache.session(any(c.teacher_cache for c in configs)) as counts:
+        seed = None
+        for i, cfg in enumerate(configs, start=1):
+            if counts is not None and cfg.seed != seed:
+                counts.cache.clear()
+            seed = cfg.seed
+            label = f"[{i}/{total}] {cfg.mode} seed {cfg.seed}"
+            done = finished_run_for(existing, cfg)
+            if done is not None:
+                result.skipped.append(Pair(cfg.mode, cfg.seed, done.info.run_id, done.data.metrics.get("test_acc")))
+                echo(f"{label}: skipped, finished as run {done.info.run_id} "
+                     f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
+                continue
+            echo(f"{label}: training")
+            factory = _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
+                                    {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
+            res, message = run_cell(cfg, factory)
+            if res is None:  # one broken mode must not cost the others; listed at the end
+                result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
+                echo(f"{label}: FAILED ({message})")
+                continue
+            if register and res.registered_model and on_registered is not None:
+                on_registered(res.registered_model)
+            result.trained.append(Pair(cfg.mode, cfg.seed, res.run_id or "", res.test_acc))
+            echo(f"{label}: test_acc {res.test_acc:.2f}% (run {res.run_id})")
+    return counts
+
+
 def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, **values) -> BenchmarkResult:
     """Train ``modes`` x ``seeds`` (skipping pairs already finished with the same
     settings), then compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
@@ -224,29 +264,10 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
         experiment = client.get_experiment(experiment_id).name
         result = BenchmarkResult(parent.run_id, experiment, notes=notes)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
-        total = len(configs)
-        for i, cfg in enumerate(configs, start=1):
-            label = f"[{i}/{total}] {cfg.mode} seed {cfg.seed}"
-            done = finished_run_for(existing, cfg)
-            if done is not None:
-                result.skipped.append(Pair(cfg.mode, cfg.seed, done.info.run_id, done.data.metrics.get("test_acc")))
-                echo(f"{label}: skipped, finished as run {done.info.run_id} "
-                     f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
-                continue
-            echo(f"{label}: training")
-            factory = _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
-                                    {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
-            res, message = run_cell(cfg, factory)
-            if res is None:  # one broken mode must not cost the others; listed at the end
-                result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
-                echo(f"{label}: FAILED ({message})")
-                continue
-            if register and res.registered_model:
-                update_champion(client, res.registered_model)
-            result.trained.append(Pair(cfg.mode, cfg.seed, res.run_id or "", res.test_acc))
-            echo(f"{label}: test_acc {res.test_acc:.2f}% (run {res.run_id})")
+        counts = train_pairs(configs, parent, result, existing=existing, register=register, echo=echo,
+                             on_registered=lambda name: update_champion(client, name))
         parent.log_metrics({"pairs_trained": len(result.trained), "pairs_skipped": len(result.skipped),
-                            "pairs_failed": len(result.failed)})
+                            "pairs_failed": len(result.failed), **(counts.metrics() if counts else {})})
         if result.failed:
             parent.set_tags({"failed_pairs": ", ".join(f"{p.mode}/seed{p.seed}" for p in result.failed)})
         with child_run(parent, f"compare-{experiment}", {"compared_experiment": experiment},

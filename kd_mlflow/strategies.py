@@ -17,6 +17,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from . import teacher_cache
 from .config import Config, ConfigError
 from .distillers.base import NoKD
 from .distillers.kd import HintonKD
@@ -71,6 +72,11 @@ def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResu
 def _best(results: list[TrainResult]) -> int:
     """Index of the best validation accuracy (the first one on a tie): never the test set."""
     return max(range(len(results)), key=lambda i: (results[i].best_val_acc, -i))
+
+
+def _cache_metrics(counts) -> dict:
+    """The teacher forwards the stages computed and reused, for the parent run ({} when off)."""
+    return counts.metrics() if counts is not None else {}
 
 
 def _num(value) -> float | None:
@@ -135,26 +141,28 @@ class AllKD(Strategy):
 
         planned = self.plan(cfg, load=True)
         rows, results = [], []
-        for i, (plan, model, meta) in enumerate(planned, start=1):
-            teacher_run_id = ""
-            if model is None:
-                model, meta, teacher_uri, teacher_run_id = self._train_teacher(cfg, plan, i, data, tracker, rt)
-                plan = TeacherPlan(plan.spec, teacher_uri, plan.arch)
-            student_cfg = _kd_child_cfg(cfg, teacher=plan.arch, teacher_checkpoint=plan.source or "")
-            res = train_child(cfg, student_cfg, HintonKD, data, [model], tracker, rt,
-                              run_name=f"student-{i}-{cfg.student}-from-{plan.arch}", stage=f"student {i}",
-                              teacher=plan.arch, teacher_meta=meta, extra_tags={"teacher_spec": plan.spec})
-            teacher_acc = _num(meta.get("test_acc"))
-            rows.append({"index": i, "teacher_spec": plan.spec, "teacher_arch": plan.arch,
-                         "teacher_source": plan.source or "", "teacher_trained_here": bool(teacher_run_id),
-                         "teacher_run_id": teacher_run_id, "teacher_test_acc": teacher_acc,
-                         "student_best_val_acc": res.best_val_acc, "student_test_acc": res.test_acc,
-                         "student_best_epoch": res.best_epoch, "child_run_id": res.run_id})
-            results.append(res)
-            metrics = {f"student_{i}_val_acc": res.best_val_acc, f"student_{i}_test_acc": res.test_acc}
-            if teacher_acc is not None:
-                metrics[f"teacher_{i}_test_acc"] = teacher_acc
-            tracker.log_metrics(metrics)
+        # One session: a teacher listed twice (or the same checkpoint under two names) runs once.
+        with teacher_cache.session(cfg.teacher_cache) as counts:
+            for i, (plan, model, meta) in enumerate(planned, start=1):
+                teacher_run_id = ""
+                if model is None:
+                    model, meta, teacher_uri, teacher_run_id = self._train_teacher(cfg, plan, i, data, tracker, rt)
+                    plan = TeacherPlan(plan.spec, teacher_uri, plan.arch)
+                student_cfg = _kd_child_cfg(cfg, teacher=plan.arch, teacher_checkpoint=plan.source or "")
+                res = train_child(cfg, student_cfg, HintonKD, data, [model], tracker, rt,
+                                  run_name=f"student-{i}-{cfg.student}-from-{plan.arch}", stage=f"student {i}",
+                                  teacher=plan.arch, teacher_meta=meta, extra_tags={"teacher_spec": plan.spec})
+                teacher_acc = _num(meta.get("test_acc"))
+                rows.append({"index": i, "teacher_spec": plan.spec, "teacher_arch": plan.arch,
+                             "teacher_source": plan.source or "", "teacher_trained_here": bool(teacher_run_id),
+                             "teacher_run_id": teacher_run_id, "teacher_test_acc": teacher_acc,
+                             "student_best_val_acc": res.best_val_acc, "student_test_acc": res.test_acc,
+                             "student_best_epoch": res.best_epoch, "child_run_id": res.run_id})
+                results.append(res)
+                metrics = {f"student_{i}_val_acc": res.best_val_acc, f"student_{i}_test_acc": res.test_acc}
+                if teacher_acc is not None:
+                    metrics[f"teacher_{i}_test_acc"] = teacher_acc
+                tracker.log_metrics(metrics)
 
         best = _best(results)
         for row in rows:
@@ -163,7 +171,7 @@ class AllKD(Strategy):
         tracker.log_figure(teacher_vs_student(rows, f"allkd: {cfg.student} on {cfg.dataset}"),
                            "figures/teacher_vs_student.png")
         tracker.set_tags({"best_teacher": rows[best]["teacher_spec"]})
-        return _finish(cfg, tracker, results[best], {"best_index": best + 1})
+        return _finish(cfg, tracker, results[best], {"best_index": best + 1, **_cache_metrics(counts)})
 
     def _train_teacher(self, cfg, plan: TeacherPlan, i: int, data, tracker, rt):
         """Train an architecture that has no checkpoint with the teacher procedure,
@@ -207,17 +215,19 @@ class KDParam(Strategy):
         source = teacher_source(cfg)
         rows, results = [], []
         n = len(temperatures) * len(alphas)
-        for t in temperatures:
-            for a in alphas:
-                k = len(results) + 1
-                child_cfg = _kd_child_cfg(cfg, temperature=t, alpha=a, teacher=teacher_arch,
-                                          teacher_checkpoint=source)
-                res = train_child(cfg, child_cfg, HintonKD, data, teachers, tracker, rt,
-                                  run_name=f"kd-T{t:g}-alpha{a:g}", stage=f"{k}/{n} T={t:g} alpha={a:g}",
-                                  teacher=teacher_arch, teacher_meta=meta)
-                rows.append({"temperature": t, "alpha": a, "best_val_acc": res.best_val_acc,
-                             "test_acc": res.test_acc, "best_epoch": res.best_epoch, "child_run_id": res.run_id})
-                results.append(res)
+        # One session: the grid cells see the same batches, so the teacher runs for the first cell only.
+        with teacher_cache.session(cfg.teacher_cache) as counts:
+            for t in temperatures:
+                for a in alphas:
+                    k = len(results) + 1
+                    child_cfg = _kd_child_cfg(cfg, temperature=t, alpha=a, teacher=teacher_arch,
+                                              teacher_checkpoint=source)
+                    res = train_child(cfg, child_cfg, HintonKD, data, teachers, tracker, rt,
+                                      run_name=f"kd-T{t:g}-alpha{a:g}", stage=f"{k}/{n} T={t:g} alpha={a:g}",
+                                      teacher=teacher_arch, teacher_meta=meta)
+                    rows.append({"temperature": t, "alpha": a, "best_val_acc": res.best_val_acc,
+                                 "test_acc": res.test_acc, "best_epoch": res.best_epoch, "child_run_id": res.run_id})
+                    results.append(res)
 
         best = _best(results)
         for i, row in enumerate(rows):
@@ -227,7 +237,7 @@ class KDParam(Strategy):
         tracker.log_figure(kdparam_heatmap(rows, f"kdparam: {cfg.student} from {teacher_arch} on {cfg.dataset}"),
                            "figures/kdparam_heatmap.png")
         tracker.set_tags({"best_temperature": f"{t_best:g}", "best_alpha": f"{a_best:g}"})
-        summary = {"best_temperature": t_best, "best_alpha": a_best}
+        summary = {"best_temperature": t_best, "best_alpha": a_best, **_cache_metrics(counts)}
         if "test_acc" in meta:
             summary["teacher_test_acc"] = float(meta["test_acc"])
         return _finish(cfg, tracker, results[best], summary)
