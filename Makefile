@@ -86,7 +86,7 @@ postgres:
 BENCH_DIR ?= $(HOME)/kd-benchmark
 BENCH_KD = cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db $(CURDIR)/$(BIN)/kd-mlflow
 BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20
-BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd,dkd,dist
+BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd,dkd,dist,crd
 
 # Seeds 0-2 of every mode first, so that an interrupted run already has a whole table.
 BENCH_ENSEMBLE = --ensemble pretrained:fashion_mnist-resnet20,pretrained:fashion_mnist-resnet14
