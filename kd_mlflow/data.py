@@ -67,10 +67,13 @@ def _find_fmnist(directory: Path) -> dict | None:
     return None
 
 
+def _fmnist_dirs(data_dir: str) -> list:
+    """Where Fashion-MNIST is looked for, in order: data_dir, Debian's package, the cache."""
+    return ([Path(data_dir)] if data_dir else []) + [Path(DEBIAN_FASHION_MNIST), DEFAULT_CACHE]
+
+
 def _load_fashion_mnist(data_dir: str):
-    searched = [Path(data_dir)] if data_dir else []
-    searched += [Path(DEBIAN_FASHION_MNIST), DEFAULT_CACHE]
-    for directory in searched:
+    for directory in _fmnist_dirs(data_dir):
         files = _find_fmnist(directory)
         if files:
             break
@@ -198,8 +201,7 @@ def class_names(name: str, data_dir: str = "") -> list:
 def data_source(name: str, data_dir: str = "") -> str:
     """Where the dataset's files were read from (a directory), for the run's Datasets."""
     if name == "fashion_mnist":
-        searched = ([Path(data_dir)] if data_dir else []) + [Path(DEBIAN_FASHION_MNIST), DEFAULT_CACHE]
-        found = next((d for d in searched if _find_fmnist(d)), None)
+        found = next((d for d in _fmnist_dirs(data_dir) if _find_fmnist(d)), None)
     else:
         found = _cifar_folder(CIFAR_LAYOUTS[name], Path(data_dir) if data_dir else DEFAULT_CACHE)
     return str(Path(found).resolve()) if found else (data_dir or str(DEFAULT_CACHE))
