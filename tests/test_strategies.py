@@ -11,6 +11,7 @@ import pytest
 from kd_mlflow.checkpoint import save_model_checkpoint
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.models import create_model
+from kd_mlflow.pretrained import PRETRAINED_DIR
 from kd_mlflow.runner import run
 
 TINY = dict(dataset="fashion_mnist", student="resnet8", epochs=1, train_subset=256, val_size=128, test_subset=256,
@@ -119,8 +120,12 @@ def test_kdparam_grid_runs_one_child_per_cell_and_registers_the_best(env, tmp_pa
 def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path):
     client, tiny = env
     ckpt = teacher_checkpoint(tmp_path / "given.pt", test_acc=12.3)
-    # resnet14 has no pretrained/fashion_mnist-resnet14.pt: it is trained first, in its own child.
-    cfg = Config.for_mode("allkd", teachers=f"{ckpt},resnet14", teacher_epochs=1, **tiny)
+    # The second teacher is an architecture with no committed pretrained/ checkpoint, so allkd
+    # must train it first, in its own child. Read from the directory, not assumed: committing a
+    # new teacher (resnet14 was) must not turn this into a test of the pretrained path.
+    arch = next(a for a in ("resnet14", "resnet32", "resnet44")
+                if not (PRETRAINED_DIR / f"fashion_mnist-{a}.pt").exists())
+    cfg = Config.for_mode("allkd", teachers=f"{ckpt},{arch}", teacher_epochs=1, **tiny)
     result = run(cfg)
 
     parent, children = parent_and_children(client, result.run_id)
@@ -128,20 +133,20 @@ def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path
     teachers = [c for c in children if c.data.tags["mode"] == "teacher"]
     students = [c for c in children if c.data.tags["mode"] == "kd"]
     assert len(children) == 3 and len(teachers) == 1 and len(students) == 2
-    assert teachers[0].data.params["arch"] == "resnet14" and teachers[0].data.params["epochs"] == "1"
+    assert teachers[0].data.params["arch"] == arch and teachers[0].data.params["epochs"] == "1"
     assert all(c.data.tags["parent_mode"] == "allkd" for c in children)
-    assert sorted(s.data.params["teacher"] for s in students) == ["resnet14", "resnet8"]
+    assert sorted(s.data.params["teacher"] for s in students) == sorted([arch, "resnet8"])
     assert all(s.data.params["temperature"] == str(cfg.temperature) for s in students)
 
-    trained_teacher = client.get_model_version("fashion_mnist-resnet14-teacher", "1")
+    trained_teacher = client.get_model_version(f"fashion_mnist-{arch}-teacher", "1")
     assert trained_teacher.run_id == teachers[0].info.run_id
 
     m = parent.data.metrics
     assert m["teacher_1_test_acc"] == pytest.approx(12.3)
     assert m["teacher_2_test_acc"] == pytest.approx(teachers[0].data.metrics["test_acc"])
     pairs = read_json_artifact(client, result.run_id, "pairs.json", tmp_path)
-    assert [p["teacher_arch"] for p in pairs] == ["resnet8", "resnet14"]
-    assert pairs[1]["teacher_trained_here"] and pairs[1]["teacher_source"] == "models:/fashion_mnist-resnet14-teacher/1"
+    assert [p["teacher_arch"] for p in pairs] == ["resnet8", arch]
+    assert pairs[1]["teacher_trained_here"] and pairs[1]["teacher_source"] == f"models:/fashion_mnist-{arch}-teacher/1"
     for i, pair in enumerate(pairs, start=1):
         child = client.get_run(pair["child_run_id"])
         assert m[f"student_{i}_val_acc"] == pytest.approx(child.data.metrics["best_val_acc"])
