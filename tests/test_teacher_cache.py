@@ -121,19 +121,19 @@ def test_kdparam_grid_is_bit_identical_with_the_cache_and_reuses_the_teacher(in_
     assert on.last("test_correct") == off.last("test_correct")
 
 
-def test_benchmark_of_kd_and_multikd_is_bit_identical_and_multikd_reuses_kds_teacher(in_tmp, second_teacher):
+def test_benchmark_of_kd_multikd_rkd_crd_is_bit_identical_and_reuses_kds_teacher(in_tmp, second_teacher):
     parents = {}
     for on in (False, True):
-        configs, notes = plan("kd,multikd", 1, {**SMALL, "teacher_cache": on,
+        configs, notes = plan("kd,multikd,rkd,crd", 1, {**SMALL, "teacher_cache": on,
                                                  "ensemble": f"pretrained:fashion_mnist-resnet20,{second_teacher}"})
         assert not notes
         parents[on] = Recorder("benchmark")
         result = BenchmarkResult("benchmark", "test")
         counts = train_pairs(configs, parents[on], result, echo=lambda *_: None)
-        assert not result.failed and len(result.trained) == 2
+        assert not result.failed and len(result.trained) == 4
         assert (counts is not None) == on
     off, on = parents[False], parents[True]
-    assert list(on.children) == ["kd-seed0", "multikd-seed0"]
+    assert list(on.children) == ["kd-seed0", "multikd-seed0", "rkd-seed0", "crd-seed0"]
     for name in off.children:
         assert_same_training(off.children[name], on.children[name])
         assert on.children[name].last("test_correct") == off.children[name].last("test_correct")
@@ -141,6 +141,11 @@ def test_benchmark_of_kd_and_multikd_is_bit_identical_and_multikd_reuses_kds_tea
     assert (kd.last("teacher_forwards_computed"), kd.last("teacher_forwards_reused")) == (STEPS, 0)
     # multikd's first member is kd's teacher on the same batches: read; the second one runs.
     assert (multikd.last("teacher_forwards_computed"), multikd.last("teacher_forwards_reused")) == (STEPS, STEPS)
+    # rkd needs the pooled embedding too, which kd did not keep: the teacher runs and the
+    # embeddings join the cached logits; crd, on the same stream, then reads both.
+    rkd, crd = on.children["rkd-seed0"], on.children["crd-seed0"]
+    assert (rkd.last("teacher_forwards_computed"), rkd.last("teacher_forwards_reused")) == (STEPS, 0)
+    assert (crd.last("teacher_forwards_computed"), crd.last("teacher_forwards_reused")) == (0, STEPS)
 
 
 def test_another_seed_subset_teacher_or_batch_size_does_not_reuse(in_tmp, second_teacher):

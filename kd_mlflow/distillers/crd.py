@@ -200,15 +200,14 @@ class CRD(Distiller):
             raise RuntimeError("CRD needs on_fit_start(trainer) and each image's row (forward(x, y, index=...)); "
                                "the Trainer provides both")
         cfg = self.cfg
-        with torch.no_grad():
-            t = self.teacher.features(x)
+        t_logits, t_embedding = self.teacher_outputs(x, embedding=True)
         s = self.student.features(x)
-        v_s, v_t = self.embed_student(s.embedding), self.embed_teacher(t.embedding)
+        v_s, v_t = self.embed_student(s.embedding), self.embed_teacher(t_embedding)
         # Scores at 1/tau = 14 and their exponentials need fp32: no autocast here.
         with torch.autocast(x.device.type, enabled=False):
             crd = self.contrast(v_s, v_t, y, index)
         return s.logits, {
             "ce": F.cross_entropy(s.logits.float(), y),
-            "kd": cfg.crd_kd_weight * hinton_kd_loss(s.logits, t.logits, cfg.temperature),
+            "kd": cfg.crd_kd_weight * hinton_kd_loss(s.logits, t_logits, cfg.temperature),
             "crd": cfg.crd_weight * crd,
         }

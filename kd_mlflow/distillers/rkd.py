@@ -65,12 +65,11 @@ class RelationalKD(Distiller):
     on the pooled penultimate embeddings."""
 
     def forward(self, x, y):
-        with torch.no_grad():
-            t = self.teacher.features(x)
+        t_logits, t_embedding = self.teacher_outputs(x, embedding=True)
         s = self.student.features(x)
-        distance, angle = rkd_losses(s.embedding, t.embedding)
+        distance, angle = rkd_losses(s.embedding, t_embedding)
         return s.logits, {
-            **hinton_terms(s.logits, t.logits, y, self.cfg),
+            **hinton_terms(s.logits, t_logits, y, self.cfg),
             "rkd_distance": self.cfg.rkd_distance_weight * distance,
             "rkd_angle": self.cfg.rkd_angle_weight * angle,
         }
