@@ -195,7 +195,7 @@ def run_cell(cfg: Config, factory):
 
 
 def train_pairs(configs: list[Config], parent, result: BenchmarkResult, *, existing=(), register: bool = False,
-                echo=print, on_registered=None):
+                echo=print, on_registered=None, jobs: int = 1):
     """Train each pair of ``configs`` as a run nested under ``parent`` (a tracker), except
     those already finished in ``existing`` runs, into ``result``'s trained, skipped and
     failed lists -> the teacher cache's Counts (None when teacher_cache is off).
@@ -203,39 +203,183 @@ def train_pairs(configs: list[Config], parent, result: BenchmarkResult, *, exist
     The pairs share a teacher cache (teacher_cache.py): the modes of one seed that run
     the same teacher on the same batches (kd, triplet, dkd, dist, multikd's members,
     takd's first link) run it once. Pairs run seed-major and another seed never sees
-    the same batches, so the cache is emptied when the seed changes."""
+    the same batches, so the cache is emptied when the seed changes.
+
+    ``jobs`` > 1: the pairs to train run in that many worker processes at once (see
+    :func:`_train_in_workers`); each worker has its own cache."""
     total = len(configs)
-    with teacher_cache.session(any(c.teacher_cache for c in configs)) as counts:
+    pending = []
+    for i, cfg in enumerate(configs, start=1):
+        done = finished_run_for(existing, cfg)
+        if done is None:
+            pending.append((i, cfg))
+            continue
+        result.skipped.append(Pair(cfg.mode, cfg.seed, done.info.run_id, done.data.metrics.get("test_acc")))
+        echo(f"[{i}/{total}] {cfg.mode} seed {cfg.seed}: skipped, finished as run {done.info.run_id} "
+             f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
+
+    def finished(i: int, cfg: Config, run_id: str, test_acc, registered_model, message: str) -> None:
+        label = f"[{i}/{total}] {cfg.mode} seed {cfg.seed}"
+        if message:  # one broken mode must not cost the others; listed at the end
+            result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
+            echo(f"{label}: FAILED ({message})")
+            return
+        if register and registered_model and on_registered is not None:
+            on_registered(registered_model)
+        result.trained.append(Pair(cfg.mode, cfg.seed, run_id, test_acc))
+        echo(f"{label}: test_acc {test_acc:.2f}% (run {run_id})")
+
+    cache = any(c.teacher_cache for c in configs)
+    if jobs > 1 and len(pending) > 1:
+        return _train_in_workers(pending, total, parent.run_id, register, min(jobs, len(pending)), cache,
+                                 finished, echo)
+    with teacher_cache.session(cache) as counts:
         seed = None
-        for i, cfg in enumerate(configs, start=1):
+        for i, cfg in pending:
             if counts is not None and cfg.seed != seed:
                 counts.cache.clear()
             seed = cfg.seed
-            label = f"[{i}/{total}] {cfg.mode} seed {cfg.seed}"
-            done = finished_run_for(existing, cfg)
-            if done is not None:
-                result.skipped.append(Pair(cfg.mode, cfg.seed, done.info.run_id, done.data.metrics.get("test_acc")))
-                echo(f"{label}: skipped, finished as run {done.info.run_id} "
-                     f"(test_acc {done.data.metrics['test_acc']:.2f}%)")
-                continue
-            echo(f"{label}: training")
-            factory = _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
-                                    {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
-            res, message = run_cell(cfg, factory)
-            if res is None:  # one broken mode must not cost the others; listed at the end
-                result.failed.append(Pair(cfg.mode, cfg.seed, error=message))
-                echo(f"{label}: FAILED ({message})")
-                continue
-            if register and res.registered_model and on_registered is not None:
-                on_registered(res.registered_model)
-            result.trained.append(Pair(cfg.mode, cfg.seed, res.run_id or "", res.test_acc))
-            echo(f"{label}: test_acc {res.test_acc:.2f}% (run {res.run_id})")
+            echo(f"[{i}/{total}] {cfg.mode} seed {cfg.seed}: training")
+            res, message = run_cell(cfg, _cell_factory(parent, cfg, register))
+            finished(i, cfg, res.run_id or "" if res else "", res.test_acc if res else None,
+                     res.registered_model if res else None, message)
     return counts
 
 
-def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, **values) -> BenchmarkResult:
+def _cell_factory(parent, cfg: Config, register: bool):
+    return _pair_factory(parent, f"{cfg.mode}-seed{cfg.seed}",
+                         {"benchmark_run_id": parent.run_id, "seed": str(cfg.seed)}, register)
+
+
+# ------------------------------------------------------------------ --jobs N
+def worker_threads(jobs: int) -> int:
+    """torch threads per worker: the process's cores shared out, at least one each."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def _worker(tasks, results, parent_run_id: str, register: bool, threads: int, cache: bool) -> None:
+    """One of ``--jobs`` processes: trains the cells it takes from ``tasks`` as runs
+    nested under the benchmark's run, until it takes None. Each cell is an ordinary
+    runner.run (its run ends FINISHED, FAILED, or KILLED on SIGTERM/Ctrl-C)."""
+    import os
+
+    import torch
+
+    from .tracking.tracker import MlflowTracker
+
+    # Under `mlflow run` the launcher's run id is in the environment; a cell must open its
+    # own nested run, never adopt the benchmark's.
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    torch.set_num_threads(threads)
+    parent = MlflowTracker(parent_run_id)
+    try:
+        with teacher_cache.session(cache) as counts:
+            seed = None
+            while (task := tasks.get()) is not None:
+                i, cfg = task
+                if counts is not None and cfg.seed != seed:
+                    counts.cache.clear()
+                seed = cfg.seed
+                results.put(("start", i, os.getpid()))
+                res, message = run_cell(cfg, _cell_factory(parent, cfg, register))
+                results.put(("done", i, (res.run_id or "") if res else "", res.test_acc if res else None,
+                             res.registered_model if res else None, message))
+            results.put(("counts", counts.metrics() if counts is not None else {}))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the cell's run is KILLED
+        pass
+
+
+def _train_in_workers(pending, total: int, parent_run_id: str, register: bool, jobs: int, cache: bool,
+                      finished, echo):
+    """Train ``pending`` [(index, Config)] in ``jobs`` spawned worker processes that share
+    the device (one GPU: small students leave most of it idle), each with
+    ``worker_threads(jobs)`` CPU threads. Cells are handed out in order (seed-major), as
+    workers free up. A worker that dies (out of memory, a segfault) fails the cell it
+    was training, with one line; the other workers take the queued cells. Ctrl-C or
+    SIGTERM sends SIGTERM to the workers, so their cells' runs end KILLED, and then stops."""
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")  # CUDA and torch's thread pools do not survive fork
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for item in pending:
+        tasks.put(item)
+    for _ in range(jobs):
+        tasks.put(None)
+    threads = worker_threads(jobs)
+    echo(f"{len(pending)} cells in {jobs} worker processes, {threads} CPU thread(s) each")
+    workers = [ctx.Process(target=_worker, args=(tasks, results, parent_run_id, register, threads, cache),
+                           name=f"benchmark-worker-{k}", daemon=True) for k in range(jobs)]
+    for w in workers:
+        w.start()
+    by_index = dict(pending)
+    running: dict[int, int] = {}  # cell index -> the pid of the worker training it
+    remaining = set(by_index)
+    alive = list(workers)
+    counts = teacher_cache.Counts()  # the workers' counters, added up
+
+    def handle(message) -> None:
+        if message[0] == "start":
+            _, i, pid = message
+            running[i] = pid
+            echo(f"[{i}/{total}] {by_index[i].mode} seed {by_index[i].seed}: training (worker {pid})")
+        elif message[0] == "done":
+            _, i, run_id, test_acc, registered_model, error = message
+            running.pop(i, None)
+            remaining.discard(i)
+            finished(i, by_index[i], run_id, test_acc, registered_model, error)
+        else:  # "counts": a worker's last message
+            counts.computed += message[1].get("teacher_forwards_computed", 0)
+            counts.reused += message[1].get("teacher_forwards_reused", 0)
+
+    from .runner import _terminate_on_sigterm
+
+    try:
+        with _terminate_on_sigterm():  # SIGTERM raises here too, so the workers are stopped below
+            while True:  # until every worker has exited (each does after its None) and its messages are read
+                try:
+                    handle(results.get(timeout=2))
+                    continue
+                except queue_module.Empty:
+                    pass
+                for w in [w for w in alive if not w.is_alive()]:
+                    alive.remove(w)
+                    if w.exitcode != 0:  # killed: the cell it was training never reports
+                        for i in [i for i, pid in running.items() if pid == w.pid]:
+                            running.pop(i)
+                            remaining.discard(i)
+                            finished(i, by_index[i], "", None, None,
+                                     f"its worker process {w.pid} died (exit code {w.exitcode}; out of memory?); "
+                                     f"run the command again to retry it")
+                if not alive:
+                    while True:
+                        try:
+                            handle(results.get(timeout=0.5))
+                        except queue_module.Empty:
+                            break
+                    break
+    except BaseException:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()  # SIGTERM: the cell's run ends KILLED
+        for w in workers:
+            w.join(timeout=60)
+        raise
+    for i in sorted(remaining):  # never started, or lost between queue and start
+        finished(i, by_index[i], "", None, None, "not trained: every worker process died; run the command again")
+    for w in workers:
+        w.join(timeout=60)
+    return counts if cache else None
+
+
+def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, jobs: int = 1,
+                  **values) -> BenchmarkResult:
     """Train ``modes`` x ``seeds`` (skipping pairs already finished with the same
-    settings), then compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
+    settings), ``jobs`` at a time, then compare. ``values``: the Config fields in
+    BENCHMARK_FIELDS."""
     import mlflow
 
     from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
@@ -245,6 +389,9 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     unknown = set(values) - set(BENCHMARK_FIELDS)
     if unknown:
         raise ConfigError(f"benchmark does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    if int(jobs) != jobs or jobs < 1:
+        raise ConfigError(f"--jobs must be a whole number >= 1 (processes training cells at once), got {jobs}")
+    jobs = int(jobs)
     configs, notes = plan(modes, seeds, values)
     if not configs:
         raise ConfigError(f"nothing to run: {'; '.join(notes) or 'no modes'}")
@@ -252,7 +399,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
         echo(f"note: {note}")
     teacher_arch = precheck(configs)
     base = Config(**{k: v for k, v in values.items()})
-    params = {"modes": modes, "seeds": int(seeds), "register": int(bool(register)),
+    params = {"modes": modes, "seeds": int(seeds), "register": int(bool(register)), "jobs": jobs,
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS}}
     tags = {"mode": "benchmark", "dataset": base.dataset, "student": base.student,
             "teacher": teacher_arch or base.teacher,
@@ -265,7 +412,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
         result = BenchmarkResult(parent.run_id, experiment, notes=notes)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
         counts = train_pairs(configs, parent, result, existing=existing, register=register, echo=echo,
-                             on_registered=lambda name: update_champion(client, name))
+                             on_registered=lambda name: update_champion(client, name), jobs=jobs)
         parent.log_metrics({"pairs_trained": len(result.trained), "pairs_skipped": len(result.skipped),
                             "pairs_failed": len(result.failed), **(counts.metrics() if counts else {})})
         if result.failed:

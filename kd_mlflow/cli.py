@@ -276,21 +276,32 @@ def _benchmark_options(fn):
                       help="1 = register every student (and move the champion alias); 0 = log models only.")(fn)
     fn = click.option("--modes", default="all", show_default=True,
                       help=f"Comma-separated modes, or all ({', '.join(DISTILLATION_MODES)}).")(fn)
+    fn = click.option("--jobs", type=int, default=1, show_default=True,
+                      help="Train this many (mode, seed) cells at once, each in its own process on the same "
+                           "device (a big GPU: small students leave it mostly idle); the CPU cores are shared "
+                           "out between them.")(fn)
     return fn
 
 
 @main.command(name="benchmark")
 @_benchmark_options
-def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
+def benchmark_command(modes: str, seeds: int, register: int, jobs: int, **values) -> None:
     """Train modes x seeds as nested runs of one experiment, then compare them. Pairs
     already FINISHED with the same settings in the experiment are skipped (resume).
     Mode-specific parameters take each mode's defaults; multikd runs only with --ensemble."""
     from .benchmark import run_benchmark
 
     try:
-        result = run_benchmark(modes, seeds, register=bool(register), echo=click.echo, **values)
+        result = run_benchmark(modes, seeds, register=bool(register), echo=click.echo, jobs=jobs, **values)
     except ConfigError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        from .runner import Terminated
+
+        click.echo(f"stopped by {'SIGTERM' if isinstance(exc, Terminated) else 'interrupt'}: the benchmark's run "
+                   f"and the cells in training are marked KILLED; the same command resumes it (finished cells "
+                   f"are skipped)", err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
     if result.failed:

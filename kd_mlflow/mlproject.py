@@ -54,5 +54,6 @@ def render_mlproject() -> str:
     from .benchmark import BENCHMARK_FIELDS
 
     parts.append(_entry("benchmark", "kd", "benchmark", BENCHMARK_FIELDS,
-                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0)}))
+                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0),
+                         "jobs": ("float", 1)}))
     return "\n".join(parts)

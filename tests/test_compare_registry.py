@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import subprocess
 
@@ -109,7 +110,7 @@ def test_model_spec_and_modes_parsing():
 
 def test_compare_and_benchmark_entry_points_match_the_cli():
     entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "register", *BENCHMARK_FIELDS}
+    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "register", "jobs", *BENCHMARK_FIELDS}
     assert entry["benchmark"]["parameters"]["modes"]["default"] == "all"
     assert entry["benchmark"]["parameters"]["seeds"]["default"] == 3
     assert set(entry["compare"]["parameters"]) == {"experiment"}
@@ -127,6 +128,8 @@ def test_benchmark_rejects_bad_input_before_any_run(tmp_path, monkeypatch):
     assert out.exit_code == 2 and "unknown mode(s) kdd" in out.output
     out = CliRunner().invoke(main, ["benchmark", "--modes", "ab", "--epochs", "1", "--device", "cpu"])
     assert out.exit_code == 2 and "mode ab:" in out.output
+    out = CliRunner().invoke(main, ["benchmark", "--modes", "nokd", "--jobs", "0"])
+    assert out.exit_code == 2 and "--jobs must be a whole number >= 1" in out.output
     assert not (tmp_path / "never.db").exists()
 
 
@@ -335,9 +338,13 @@ def test_benchmark_runs_nested_pairs_then_compares_and_resumes(tracking, tmp_pat
                                  {"arch": "resnet8", "dataset": "fashion_mnist", "num_classes": 10,
                                   "in_channels": 1, "test_acc": 12.5})
     experiment = unique_experiment("benchmark")
-    params = {**BENCH, "teacher_checkpoint": ckpt}
+    # --jobs 2: the two cells train at once, each in a worker process of its own.
+    params = {**BENCH, "teacher_checkpoint": ckpt, "jobs": 2}
     proc = mlflow_run("benchmark", tracking, experiment, params)
     assert "| fashion_mnist | resnet8 | kd | resnet8 | 1 |" in proc.stdout, proc.stdout[-3000:]
+    assert "2 cells in 2 worker processes" in proc.stdout
+    workers = re.findall(r": training \(worker (\d+)\)", proc.stdout)
+    assert len(workers) == 2 and len(set(workers)) == 2, proc.stdout[-3000:]
 
     client, runs = runs_of(tracking, experiment)
     parents = [r for r in runs if r.data.tags.get("mode") == "benchmark"]
@@ -345,6 +352,7 @@ def test_benchmark_runs_nested_pairs_then_compares_and_resumes(tracking, tmp_pat
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.project.entryPoint") == "benchmark"
     assert parent.data.metrics["pairs_trained"] == 2 and parent.data.metrics["pairs_skipped"] == 0
+    assert parent.data.params["jobs"] == "2"
     pairs = [r for r in runs if r.data.tags.get("mode") in ("nokd", "kd")]
     assert sorted(r.data.tags["mode"] for r in pairs) == ["kd", "nokd"]
     for r in pairs:
@@ -380,6 +388,54 @@ def test_benchmark_runs_nested_pairs_then_compares_and_resumes(tracking, tmp_pat
     assert second[0].data.metrics["pairs_trained"] == 0
     assert not [r for r in after if r.data.tags.get("mlflow.parentRunId") == second[0].info.run_id
                 and r.data.tags.get("mode") != "compare"]
+
+
+def test_sigterm_stops_a_jobs_benchmark_and_its_workers_with_every_run_killed(tmp_path):
+    """A real SIGTERM to `kd-mlflow benchmark --jobs 2` while both cells train in their
+    worker processes: it exits 143, no worker outlives it, and no run stays RUNNING."""
+    import signal
+
+    import psutil
+    from mlflow import MlflowClient
+
+    from kd_mlflow.checkpoint import save_model_checkpoint
+    from kd_mlflow.models import create_model
+
+    ckpt = save_model_checkpoint(tmp_path / "teacher.pt", create_model("resnet8", 10, 1),
+                                 {"arch": "resnet8", "dataset": "fashion_mnist", "num_classes": 10,
+                                  "in_channels": 1, "test_acc": 12.5})
+    tracking = f"sqlite:///{tmp_path}/jobs.db"
+    cmd = [str(BIN / "kd-mlflow"), "benchmark", "--jobs", "2", "--experiment", "jobs-sigterm",
+           "--teacher_checkpoint", str(ckpt)]
+    for k, v in {**BENCH, "epochs": 200}.items():
+        cmd += [f"--{k}", str(v)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": tracking},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, workers, epochs_seen = [], set(), set()
+    try:
+        for line in proc.stdout:  # both cells past their first epoch, then the signal
+            lines.append(line)
+            if m := re.search(r": training \(worker (\d+)\)", line):
+                workers.add(int(m.group(1)))
+            if m := re.search(r"\[(nokd|kd)\] epoch 1/200", line):
+                epochs_seen.add(m.group(1))
+            if len(workers) == 2 and epochs_seen == {"nokd", "kd"}:
+                break
+        assert len(workers) == 2 and epochs_seen == {"nokd", "kd"}, "".join(lines)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM" in out and "marked KILLED" in out
+    assert not [pid for pid in workers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("jobs-sigterm").experiment_id])
+    assert sorted(r.data.tags["mode"] for r in runs) == ["benchmark", "kd", "nokd"]
+    assert {r.info.status for r in runs} == {"KILLED"}
 
 
 # ----------------------------------------------------------------------- registry
