@@ -91,6 +91,14 @@ def raw_example(data: DataBundle, n: int = 2):
     return x[:, 0] if x.shape[1] == 1 else x
 
 
+def _same_weights(state: dict, other: dict) -> bool:
+    """Whether two state dicts hold the same tensors, value for value (as fp32 on CPU)."""
+    return state.keys() == other.keys() and all(
+        torch.equal(state[k].detach().to("cpu", torch.float32 if state[k].is_floating_point() else state[k].dtype),
+                    other[k].detach().to("cpu", torch.float32 if other[k].is_floating_point() else other[k].dtype))
+        for k in state)
+
+
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
                   *, teacher_meta: dict | None = None, desc: str = "", register: bool = True,
                   resume_state: dict | None = None) -> TrainResult:
@@ -122,9 +130,12 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     cpu_test = DeviceBatches(data.test, info, 500, device="cpu", shuffle=False, augment=False,
                              channels_last=False)
     correct, n = count_correct(student_cpu, cpu_test)
-    last = create_model(cfg.network, info.num_classes, info.in_channels)
-    last.load_state_dict(fit.last_student_state)
-    correct_last, _ = count_correct(last.float().eval(), cpu_test)
+    if _same_weights(fit.last_student_state, student_cpu.state_dict()):
+        correct_last = correct  # the best epoch was the last: the same model, the same count
+    else:
+        last = create_model(cfg.network, info.num_classes, info.in_channels)
+        last.load_state_dict(fit.last_student_state)
+        correct_last, _ = count_correct(last.float().eval(), cpu_test)
     test_acc = 100.0 * correct / n
     final.update({"test_acc": test_acc, "test_correct": correct, "test_images": n,
                   "test_acc_last": 100.0 * correct_last / n, "test_correct_last": correct_last})
