@@ -75,8 +75,10 @@ def save_model_checkpoint(path, model: torch.nn.Module, meta: dict) -> Path:
     return atomic_save({"format": "kd-mlflow/1", "state_dict": state, "meta": dict(meta)}, path)
 
 
-def load_model_checkpoint(path) -> tuple[dict, dict]:
-    """-> (state_dict, meta). Every failure is a ConfigError naming the file and the fix."""
+def load_state_dict_file(path):
+    """The dict a checkpoint file holds (a kd-mlflow checkpoint or a plain state dict, e.g.
+    torchvision's published weights), read weights-only. Every failure is a ConfigError
+    naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -100,6 +102,13 @@ def load_model_checkpoint(path) -> tuple[dict, dict]:
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {text.splitlines()[0][:100] if text else ''}); "
             f"it may be truncated or of another format: re-create it with `mlflow run . -e teacher`"
         ) from exc
+    return obj
+
+
+def load_model_checkpoint(path) -> tuple[dict, dict]:
+    """-> (state_dict, meta). Every failure is a ConfigError naming the file and the fix."""
+    path = Path(path)
+    obj = load_state_dict_file(path)
     if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
         raise ConfigError(
             f"{path} is not a kd-mlflow checkpoint (no state_dict/meta); re-create it with `mlflow run . -e teacher`"

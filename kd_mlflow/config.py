@@ -46,7 +46,8 @@ def unwritable_reason(directory: Path, tag: str = "") -> str | None:
 @dataclass
 class Config:
     mode: str = _f("kd", "Distillation mode.")
-    dataset: str = _f("fashion_mnist", "Dataset.", ("fashion_mnist", "cifar10", "cifar100"))
+    dataset: str = _f("fashion_mnist", "Dataset (imagefolder: your own images under data_dir, see README).",
+                      ("fashion_mnist", "cifar10", "cifar100", "imagefolder"))
     student: str = _f("resnet8", "Student architecture.")
     teacher: str = _f("resnet20", "Teacher architecture (or pretrained:<name>).")
     teacher_checkpoint: str = _f(
@@ -68,7 +69,15 @@ class Config:
     test_subset: int = _f(0, "Evaluate test_acc on the first N test images (0 = all; for smoke tests).")
     device: str = _f("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: str = _f("auto", "auto (bf16 where the device runs it fast), fp32 or bf16.", ("auto", "fp32", "bf16"))
-    data_dir: str = _f("", "Dataset directory (else $KD_DATA_DIR, the Debian package, then download).")
+    data_dir: str = _f("", "Dataset directory (else $KD_DATA_DIR, the Debian package, then download); for "
+                           "imagefolder the folder holding train/<class>/*, test/<class>/* and optionally val/.")
+    image_size: int = _f(0, "imagefolder: side of the square training images (0 = 224); the built-in datasets "
+                            "keep their native size.")
+    mean: str = _f("", "imagefolder: comma-separated per-channel mean (0-1) for normalisation; empty = ImageNet's.")
+    std: str = _f("", "imagefolder: comma-separated per-channel std (0-1) for normalisation; empty = ImageNet's.")
+    corrupt_images: str = _f("skip", "imagefolder: an unreadable image is skipped with a one-line warning (counted "
+                                     "in the metric skipped_images), or stops the run before training.",
+                             ("skip", "stop"))
     resume: str = _f("", "Continue an interrupted run from its last epoch checkpoint: its MLflow run id, "
                          "or 'auto' (the latest unfinished run here with the same settings).")
     compile: bool = _f(False, "torch.compile the student and teacher(s), on CUDA with CUDA graphs "
@@ -117,6 +126,15 @@ class Config:
 
     def __post_init__(self):
         from .modes import declared_parameter
+
+        # torchvision:<name> as users type it; tv-<name> as runs log it (MLflow model names refuse ':').
+        for name in ("student", "teacher"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("torchvision:"):
+                setattr(self, name, "tv-" + value[len("torchvision:"):])
+        arch = self.method.get("arch")
+        if isinstance(arch, str) and arch.startswith("torchvision:"):
+            self.method["arch"] = "tv-" + arch[len("torchvision:"):]
 
         unknown = [k for k in self.method if declared_parameter(k) is None]
         if unknown:  # a typo in a parameter name fails here, not at the first forward pass
@@ -183,16 +201,22 @@ class Config:
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
         uses = set(MODES[self.mode].fields)
-        if self.dataset not in DATASETS:
+        if self.dataset not in DATASETS and self.dataset != "imagefolder":
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}"
+                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}, imagefolder"
             )
+        self._validate_images()
         for name in ("student", "teacher", "arch"):
             value = getattr(self, name)
             if name in uses and not value.startswith("pretrained:") and not is_known_architecture(value):
                 raise ConfigError(
                     f"unknown {name} architecture {value!r}; choose one of: {', '.join(ARCHITECTURES)}"
                 )
+            if name in uses and value.startswith("tv-") and self.dataset in DATASETS \
+                    and DATASETS[self.dataset].in_channels != 3:
+                raise ConfigError(f"{name}={value}: torchvision architectures take 3-channel images and "
+                                  f"{self.dataset} has {DATASETS[self.dataset].in_channels}; use cifar10, cifar100 "
+                                  f"or imagefolder")
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -222,6 +246,30 @@ class Config:
 
             check_launcher_experiment(self.experiment)
         return self
+    def _validate_images(self) -> None:
+        """image_size, mean, std and corrupt_images: what they may be, and the image folder's
+        layout (cheap: directories only), before anything is decoded."""
+        if self.corrupt_images not in ("skip", "stop"):
+            raise ConfigError(f"unknown corrupt_images {self.corrupt_images!r}; choose one of: skip, stop")
+        if self.dataset != "imagefolder":
+            for name, unset in (("image_size", 0), ("mean", ""), ("std", "")):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{name} applies to dataset=imagefolder only; {self.dataset} keeps its "
+                                      f"native size and statistics (drop -P {name})")
+            return
+        if self.image_size != 0 and self.image_size < 16:
+            raise ConfigError(f"image_size must be >= 16 (0 = 224), got {self.image_size}")
+        for name in ("mean", "std"):
+            if getattr(self, name):
+                values = self.floats_of(name)
+                if len(values) not in (1, 3) or (name == "std" and min(values) <= 0):
+                    raise ConfigError(f"{name}={getattr(self, name)!r} must be 1 or 3 comma-separated numbers"
+                                      f"{' > 0' if name == 'std' else ''}, e.g. -P {name}="
+                                      f"{'0.485,0.456,0.406' if name == 'mean' else '0.229,0.224,0.225'}")
+        from .imagefolder import scan_layout
+
+        scan_layout(self.resolved_data_dir())  # a ConfigError naming what is missing
+
     def _validate_processes(self, need) -> None:
         n, dev = self.nproc_per_node, self.device
         need(n >= 1, f"nproc_per_node must be >= 1, got {n}; pass -P nproc_per_node=N (1 = no torchrun)")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import sys
 import tarfile
 import urllib.request
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -191,6 +193,10 @@ def class_names(name: str, data_dir: str = "") -> list:
     CIFAR folder lacks its names file: the images train without it)."""
     if name == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
+    if name == "imagefolder":
+        from .imagefolder import scan_layout
+
+        return list(scan_layout(data_dir).classes)
     try:
         return cifar_class_names(name, data_dir)
     except ConfigError as exc:
@@ -202,6 +208,8 @@ def data_source(name: str, data_dir: str = "") -> str:
     """Where the dataset's files were read from (a directory), for the run's Datasets."""
     if name == "fashion_mnist":
         found = next((d for d in _fmnist_dirs(data_dir) if _find_fmnist(d)), None)
+    elif name == "imagefolder":
+        found = Path(data_dir).expanduser() if data_dir else None
     else:
         found = _cifar_folder(CIFAR_LAYOUTS[name], Path(data_dir) if data_dir else DEFAULT_CACHE)
     return str(Path(found).resolve()) if found else (data_dir or str(DEFAULT_CACHE))
@@ -307,6 +315,8 @@ class DataBundle:
     # test file, in the order used), and where the files are: the run's Datasets.
     indices: dict | None = None
     source: str = ""
+    val_file: str = "train"  # the file (folder) the validation images come from
+
 
     def datasets(self) -> list[dict]:
         """The splits as the run's MLflow Datasets: name, source, size and a digest of the
@@ -320,31 +330,84 @@ class DataBundle:
             digest = hashlib.sha256(f"{self.info.name}/{context}/".encode() + idx.tobytes()).hexdigest()
             out.append({"name": f"{self.info.name}-{context}", "context": context, "source": self.source,
                         "digest": digest[:32], "rows": len(split),
-                        "file": "test" if context == "test" else "train",
+                        "file": "test" if context == "test" else self.val_file if context == "validation" else "train",
                         "image": f"uint8 {self.info.in_channels}x{self.info.image_size}x{self.info.image_size}"})
         return out
+
+
+def dataset_info(cfg: Config) -> DatasetInfo:
+    """The dataset's facts (classes, channels, size, statistics) without decoding an image."""
+    if cfg.dataset != "imagefolder":
+        return DATASETS[cfg.dataset]
+    from . import imagefolder
+
+    layout = imagefolder.scan_layout(cfg.resolved_data_dir())
+    mean, std = imagefolder.normalisation(cfg)
+    return DatasetInfo("imagefolder", len(layout.classes), 3, imagefolder.image_size(cfg), mean, std, 0, True,
+                       resized_crop=True, class_names=layout.classes)
+
+
+def _carve(cfg: Config, n: int, name: str, val_from_train: bool = True):
+    """-> (train indices, validation indices) of a training file of ``n`` images: a
+    permutation seeded with ``cfg.seed``, its first val_size images for validation (when
+    they come from the training file), the next train_subset (0 = all) for training."""
+    val_size = cfg.val_size if val_from_train else 0
+    if val_size >= n:
+        raise ConfigError(f"val_size={cfg.val_size} leaves no training images ({name} has {n}); lower it")
+    available = n - val_size
+    if cfg.train_subset > available:
+        raise ConfigError(
+            f"train_subset={cfg.train_subset} is larger than the {available} training images of "
+            f"{name} left after val_size={val_size}; use 0 for all of them or a smaller number"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+    val_idx = perm[:val_size]
+    train_idx = perm[val_size:]
+    if cfg.train_subset:
+        train_idx = train_idx[: cfg.train_subset]
+    return train_idx, val_idx
+
+
+def _load_imagefolder(cfg: Config) -> DataBundle:
+    """An image folder decoded into uint8 splits (imagefolder.py): validation from val/
+    when present, else carved from train like the built-in datasets; unreadable images
+    dropped (or the run stopped) per ``corrupt_images``."""
+    from . import imagefolder
+
+    info = dataset_info(cfg)
+    layout = imagefolder.scan_layout(cfg.resolved_data_dir())
+    train_idx, val_idx = _carve(cfg, len(layout.train), str(layout.root / "train"), layout.val is None)
+    val_files = layout.val if layout.val is not None else layout.train
+    if layout.val is not None:
+        val_idx = np.arange(len(layout.val))
+    test_idx = np.arange(min(cfg.test_subset or len(layout.test), len(layout.test)))
+    imagefolder.check_fits(len(train_idx) + len(val_idx) + len(test_idx), info.image_size, layout.root)
+    splits, indices, skipped = {}, {}, 0
+    for context, files, idx in (("train", layout.train, train_idx), ("validation", val_files, val_idx),
+                                ("test", layout.test, test_idx)):
+        chosen = [files[i] for i in idx]
+        x, kept, bad = imagefolder.decode_all(chosen, info.image_size, cfg.corrupt_images)
+        skipped += len(bad)
+        y = np.asarray([chosen[i][1] for i in kept], dtype=np.int64)
+        if len(y) < 2:
+            raise ConfigError(f"the {context} split of {layout.root} has {len(y)} readable image(s); it needs >= 2")
+        splits[context] = Split(torch.from_numpy(x), torch.from_numpy(y))
+        indices[context] = idx[kept]
+    if skipped:
+        info = dataclasses.replace(info, skipped_images=skipped)
+    return DataBundle(info, splits["train"], splits["validation"], splits["test"], indices=indices,
+                      source=str(layout.root), val_file="val" if layout.val is not None else "train")
 
 
 def load_data(cfg: Config) -> DataBundle:
     """Train/val/test splits on the CPU. The validation images are carved from the
     training split by a permutation seeded with ``cfg.seed``; the test split is kept
     apart for the final ``test_acc`` only."""
+    if cfg.dataset == "imagefolder":
+        return _load_imagefolder(cfg)
     info = DATASETS[cfg.dataset]
     train_x, train_y, test_x, test_y = load_arrays(cfg.dataset, cfg.resolved_data_dir())
-    n = len(train_y)
-    if cfg.val_size >= n:
-        raise ConfigError(f"val_size={cfg.val_size} leaves no training images ({cfg.dataset} has {n}); lower it")
-    available = n - cfg.val_size
-    if cfg.train_subset > available:
-        raise ConfigError(
-            f"train_subset={cfg.train_subset} is larger than the {available} training images of "
-            f"{cfg.dataset} left after val_size={cfg.val_size}; use 0 for all of them or a smaller number"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-    val_idx = perm[: cfg.val_size]
-    train_idx = perm[cfg.val_size:]
-    if cfg.train_subset:
-        train_idx = train_idx[: cfg.train_subset]
+    train_idx, val_idx = _carve(cfg, len(train_y), cfg.dataset)
     test_n = cfg.test_subset or len(test_y)
 
     def split(x, y, idx=None) -> Split:
@@ -440,6 +503,8 @@ class DeviceBatches:
         b, c, h, w = x.shape
         global_b = b if global_b is None else global_b
         shard = slice(offset, offset + b)
+        if self.info.resized_crop:
+            x = self._resized_crop(x, global_b, shard)
         p = self.info.crop_padding
         if p:
             padded = F.pad(x, (p, p, p, p))
@@ -454,3 +519,23 @@ class DeviceBatches:
             flip = torch.rand(global_b, device=self.device, generator=self.generator)[shard] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
+
+    def _resized_crop(self, x: torch.Tensor, global_b: int, shard: slice) -> torch.Tensor:
+        """torchvision's RandomResizedCrop (area 8-100%, aspect 3/4-4/3; one draw per image,
+        clamped to the image instead of torchvision's ten tries), batched: an affine
+        sampling grid per image, bilinear, back to the stored size. -> float 0-255."""
+        b, c, h, w = x.shape
+        dev, g = self.device, self.generator
+
+        def draw(low: float, high: float) -> torch.Tensor:
+            return torch.empty(global_b, device=dev).uniform_(low, high, generator=g)[shard]
+
+        area, log_ratio = draw(0.08, 1.0), draw(math.log(3 / 4), math.log(4 / 3))
+        ratio = log_ratio.exp()
+        cw, ch = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        left, top = draw(0.0, 1.0) * (1 - cw), draw(0.0, 1.0) * (1 - ch)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 1, 1] = cw, ch
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * left + cw - 1, 2 * top + ch - 1
+        grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)

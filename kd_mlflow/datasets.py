@@ -16,6 +16,12 @@ class DatasetInfo:
     std: tuple
     crop_padding: int
     hflip: bool
+    # Image folders (imagefolder.py): training batches get a random resized crop (instead
+    # of the padded crop); the class names and the unreadable images skipped come from
+    # the folder.
+    resized_crop: bool = False
+    class_names: tuple = ()
+    skipped_images: int = 0
 
 
 DATASETS = {

@@ -54,7 +54,8 @@ def within(low, high, open_low: bool = False):
     return check
 
 
-DATA = ("dataset", "data_dir", "train_subset", "val_size", "test_subset")
+IMAGES = ("image_size", "mean", "std", "corrupt_images")  # what imagefolder's images become (config.py)
+DATA = ("dataset", "data_dir", *IMAGES, "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
 RUNTIME = ("seed", "device", "precision", "compile", "system_metrics", "teacher_cache", "nproc_per_node",
            "experiment", "registered_model")
@@ -274,7 +275,7 @@ _ALL = [
           Param("arch", "str", "resnet20", "Architecture of the network the teacher entry point trains."),
           Param("output", "str", "",
                 "Where the teacher entry point writes its checkpoint; empty = pretrained/<dataset>-<arch>.pt."),
-          "data_dir", "train_subset", "val_size", "test_subset", *OPTIM, *RUNTIME),
+          "data_dir", *IMAGES, "train_subset", "val_size", "test_subset", *OPTIM, *RUNTIME),
          "kd_mlflow.distillers.base:NoKD", teacher_source=""),
 ]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import load_model_checkpoint
+from .checkpoint import load_model_checkpoint, load_state_dict_file
 from .config import Config, ConfigError
-from .data import DATASETS
+from .data import dataset_info
 from .models import create_model
 from .pretrained import PRETRAINED_DIR
 
@@ -55,8 +55,12 @@ def _download_registered(uri: str) -> Path:
 def load_teacher(source: str, cfg: Config):
     """-> (frozen-ready model on CPU, metadata), checked against the run's dataset."""
     path = _download_registered(source) if source.startswith("models:/") else Path(source)
+    info = dataset_info(cfg)
+    if cfg.teacher.startswith("tv-") and not source.startswith("models:/"):
+        obj = load_state_dict_file(path)
+        if isinstance(obj, dict) and ("state_dict" not in obj or "meta" not in obj):  # a plain state dict
+            return _torchvision_teacher(obj, source, cfg, info)
     state, meta = load_model_checkpoint(path)
-    info = DATASETS[cfg.dataset]
     if int(meta["num_classes"]) != info.num_classes or int(meta["in_channels"]) != info.in_channels:
         raise ConfigError(
             f"teacher {source} was made for {meta['num_classes']} classes x {meta['in_channels']} channels "
@@ -75,4 +79,28 @@ def load_teacher(source: str, cfg: Config):
             f"teacher {source} does not load as a {meta['arch']} ({str(exc).splitlines()[0][:120]}); "
             f"re-create it with `mlflow run . -e teacher`"
         ) from exc
+    return model, meta
+
+
+def _torchvision_teacher(state: dict, source: str, cfg: Config, info):
+    """A torchvision network (``-P teacher=tv-<name>``) from a plain state dict, e.g.
+    torchvision's published weights: its classifier must have the dataset's classes."""
+    model = create_model(cfg.teacher, info.num_classes, info.in_channels)
+    net_state = {k[len("net."):] if k.startswith("net.") else k: v for k, v in state.items()}
+    key = f"{model.classifier_name}.weight"
+    found = net_state.get(key)
+    if found is not None and found.ndim == 2 and found.shape[0] != info.num_classes:
+        raise ConfigError(
+            f"teacher checkpoint {source} has a {found.shape[0]}-class classifier ({key} "
+            f"{found.shape[0]}x{found.shape[1]}), but {cfg.dataset} {cfg.resolved_data_dir()} has "
+            f"{info.num_classes} classes; pass a checkpoint whose classifier was trained on these classes "
+            f"(or train one: mlflow run . -e teacher -P dataset={cfg.dataset} -P arch={cfg.teacher} ...)")
+    try:
+        model.net.load_state_dict(net_state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"teacher checkpoint {source} does not load as torchvision's {cfg.teacher[len('tv-'):]} "
+            f"({str(exc).splitlines()[0][:160]}); check -P teacher") from exc
+    meta = {"arch": cfg.teacher, "dataset": cfg.dataset, "num_classes": info.num_classes,
+            "in_channels": info.in_channels}
     return model, meta

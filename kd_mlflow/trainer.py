@@ -226,6 +226,13 @@ class Trainer:
         best = FitResult(-1.0, -1, {}, [])
         self.distiller.on_fit_start(self)
         first_epoch = 0
+        info = self.data.info
+        if info.class_names and resume_state is None:
+            # An image folder's facts are known once it is read: its classes, and the
+            # unreadable images left out (imagefolder.py).
+            self.tracker.set_tags({"class_names": ",".join(info.class_names)[:5000],
+                                   "num_classes": str(info.num_classes)})
+            self.tracker.log_metrics({"skipped_images": info.skipped_images}, step=0)
         if resume_state is not None:
             best = self._restore(resume_state)
             first_epoch = resume_state["epoch"] + 1

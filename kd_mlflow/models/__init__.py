@@ -6,6 +6,7 @@ import re
 
 from .base import FeatureNet, Features
 from .resnet import cifar_resnet, imagenet_style_resnet
+from .torchvision_models import TorchvisionNet, is_torchvision_architecture
 from .wrn import WideResNet
 
 CIFAR_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
@@ -14,10 +15,13 @@ _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 ARCHITECTURES = tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + tuple(IMAGENET_STYLE) + (
     "wrn-<depth>-<width> (depth 6n+4, e.g. wrn-16-2, wrn-40-2)",
+    "tv-<torchvision classification model> (or torchvision:<name>, e.g. tv-resnet18, tv-mobilenet_v3_small)",
 )
 
 
 def is_known_architecture(name: str) -> bool:
+    if is_torchvision_architecture(name):
+        return True
     if name in IMAGENET_STYLE or name in {f"resnet{d}" for d in CIFAR_RESNET_DEPTHS}:
         return True
     m = _WRN.match(name)
@@ -29,6 +33,8 @@ def create_model(name: str, num_classes: int, in_channels: int) -> FeatureNet:
         raise ValueError(
             f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}"
         )
+    if is_torchvision_architecture(name):
+        return TorchvisionNet(name, num_classes, in_channels)
     if name in IMAGENET_STYLE:
         return imagenet_style_resnet(IMAGENET_STYLE[name], num_classes, in_channels)
     m = _WRN.match(name)

@@ -1,0 +1,91 @@
+"""End to end on an image folder the test makes: kd through `mlflow run . -e kd` from a
+torchvision teacher given as a plain state dict, nokd and a feature mode (sfd) through the
+runner, each against a real MLflow store; the registered student answers class names for
+raw images through pyfunc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import mlflow_run, runs_of
+from imagefolder_fixture import CLASSES, make_image_folder
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"dataset": "imagefolder", "image_size": 32, "val_size": 25, "batch_size": 25, "epochs": 2, "lr": 0.02,
+         "device": "cpu", "precision": "fp32", "system_metrics": "false"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"), train_per_class=30, test_per_class=6)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """torchvision's own resnet18 with a 5-class head, saved as torchvision saves weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet18-5.pth"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(), path)
+    return path
+
+
+def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
+    from mlflow import MlflowClient
+    import mlflow.pyfunc
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**SMALL, "data_dir": folder, "student": "tv-mobilenet_v3_small",
+              "teacher": "torchvision:resnet18", "teacher_checkpoint": teacher_file, "registered_model": "fruit-kd"}
+    proc = mlflow_run("kd", store, "imagefolder-e2e", params)
+    assert "skipping unreadable image" in proc.stderr and "broken.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    client, runs = runs_of(store, "imagefolder-e2e")
+    run = runs[-1]
+    assert run.info.status == "FINISHED"
+    p, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    # `mlflow run` logs -P values as typed (torchvision:resnet18); the tags hold the canonical names
+    assert p["student"] == "tv-mobilenet_v3_small" and p["image_size"] == "32" and tags["student"] == p["student"]
+    assert tags["teacher"] == "tv-resnet18" and tags["class_names"] == ",".join(CLASSES)
+    assert metrics["skipped_images"] == 1 and 0 <= metrics["test_acc"] <= 100
+    assert {h.step for h in client.get_metric_history(run.info.run_id, "loss_kd")} == {0, 1}
+    version = next(v for v in client.search_model_versions("name='fruit-kd'") if v.run_id == run.info.run_id)
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(f"models:/fruit-kd/{version.version}")
+    card = model.metadata.metadata["kd_mlflow"]
+    assert card["class_names"] == list(CLASSES) and card["input"]["height"] == 32
+    assert card["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    from kd_mlflow.data import load_data
+    from kd_mlflow.config import Config
+
+    data = load_data(Config.for_mode("kd", dataset="imagefolder", data_dir=str(folder), image_size=32,
+                                     val_size=25))
+    answer = model.predict(data.test.x[:8].numpy())
+    assert len(answer) == 8 and set(answer["label"]) <= set(CLASSES)
+    # the served answers are the logged test images' predictions, image for image
+    assert int(metrics["test_images"]) == len(data.test)
+
+
+@pytest.mark.parametrize("mode", ["nokd", "sfd"])
+def test_nokd_and_a_feature_mode_through_the_runner(mode, folder, teacher_file, tmp_path, monkeypatch):
+    import mlflow
+
+    from kd_mlflow.config import Config
+    from kd_mlflow.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "student": "tv-resnet18",
+              "teacher": "tv-resnet18", "teacher_checkpoint": str(teacher_file), "experiment": f"if-{mode}"}
+    result = run(Config.for_mode(mode, **values))
+    client = mlflow.MlflowClient()
+    r = client.get_run(result.run_id)
+    assert r.info.status == "FINISHED" and r.data.metrics["skipped_images"] == 1
+    terms = {"nokd": {"ce"}, "sfd": {"ce", "sfd"}}[mode]
+    assert {k[len("loss_"):] for k in r.data.metrics if k.startswith("loss_")} == terms
+    assert result.card["metadata"]["kd_mlflow"]["class_names"] == list(CLASSES)
+    assert result.test_images == 30
