@@ -78,6 +78,9 @@ class Config:
     corrupt_images: str = _f("skip", "imagefolder: an unreadable image is skipped with a one-line warning (counted "
                                      "in the metric skipped_images), or stops the run before training.",
                              ("skip", "stop"))
+    data_loading: str = _f("auto", "imagefolder: auto keeps the decoded images in memory when they take at most a "
+                                   "quarter of RAM (and of GPU memory on CUDA), else streams them from disk through "
+                                   "DataLoader workers; memory or stream forces one.", ("auto", "memory", "stream"))
     resume: str = _f("", "Continue an interrupted run from its last epoch checkpoint: its MLflow run id, "
                          "or 'auto' (the latest unfinished run here with the same settings).")
     compile: bool = _f(False, "torch.compile the student and teacher(s), on CUDA with CUDA graphs "
@@ -249,10 +252,12 @@ class Config:
     def _validate_images(self) -> None:
         """image_size, mean, std and corrupt_images: what they may be, and the image folder's
         layout (cheap: directories only), before anything is decoded."""
-        if self.corrupt_images not in ("skip", "stop"):
-            raise ConfigError(f"unknown corrupt_images {self.corrupt_images!r}; choose one of: skip, stop")
+        for name in ("corrupt_images", "data_loading"):
+            choices = self.parameter(name).choices
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: {', '.join(choices)}")
         if self.dataset != "imagefolder":
-            for name, unset in (("image_size", 0), ("mean", ""), ("std", "")):
+            for name, unset in (("image_size", 0), ("mean", ""), ("std", ""), ("data_loading", "auto")):
                 if getattr(self, name) != unset:
                     raise ConfigError(f"{name} applies to dataset=imagefolder only; {self.dataset} keeps its "
                                       f"native size and statistics (drop -P {name})")

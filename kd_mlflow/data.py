@@ -369,9 +369,10 @@ def _carve(cfg: Config, n: int, name: str, val_from_train: bool = True):
 
 
 def _load_imagefolder(cfg: Config) -> DataBundle:
-    """An image folder decoded into uint8 splits (imagefolder.py): validation from val/
-    when present, else carved from train like the built-in datasets; unreadable images
-    dropped (or the run stopped) per ``corrupt_images``."""
+    """An image folder's splits (imagefolder.py): decoded into uint8, or, when they do not
+    fit in memory (imagefolder.streams), as files that StreamBatches decode per batch.
+    Validation from val/ when present, else carved from train like the built-in
+    datasets; unreadable images dropped (or the run stopped) per ``corrupt_images``."""
     from . import imagefolder
 
     info = dataset_info(cfg)
@@ -381,17 +382,23 @@ def _load_imagefolder(cfg: Config) -> DataBundle:
     if layout.val is not None:
         val_idx = np.arange(len(layout.val))
     test_idx = np.arange(min(cfg.test_subset or len(layout.test), len(layout.test)))
-    imagefolder.check_fits(len(train_idx) + len(val_idx) + len(test_idx), info.image_size, layout.root)
+    stream = imagefolder.streams(cfg, len(train_idx) + len(val_idx) + len(test_idx), info.image_size, layout.root)
     splits, indices, skipped = {}, {}, 0
     for context, files, idx in (("train", layout.train, train_idx), ("validation", val_files, val_idx),
                                 ("test", layout.test, test_idx)):
         chosen = [files[i] for i in idx]
-        x, kept, bad = imagefolder.decode_all(chosen, info.image_size, cfg.corrupt_images)
+        if stream:
+            kept, bad = imagefolder.readable_files(chosen, cfg.corrupt_images)
+            x = imagefolder.FolderImages(tuple(chosen[i][0] for i in kept), info.image_size)
+        else:
+            x, kept, bad = imagefolder.decode_all(chosen, info.image_size, cfg.corrupt_images)
+            x = torch.from_numpy(x)
+        kept = np.asarray(kept, dtype=np.int64)
         skipped += len(bad)
         y = np.asarray([chosen[i][1] for i in kept], dtype=np.int64)
         if len(y) < 2:
             raise ConfigError(f"the {context} split of {layout.root} has {len(y)} readable image(s); it needs >= 2")
-        splits[context] = Split(torch.from_numpy(x), torch.from_numpy(y))
+        splits[context] = Split(x, torch.from_numpy(y))
         indices[context] = idx[kept]
     if skipped:
         info = dataclasses.replace(info, skipped_images=skipped)
@@ -440,6 +447,12 @@ class DeviceBatches:
     rows in ``split`` (for methods that keep per-sample state, e.g. CRD's memory bank);
     the draws are the same either way.
     """
+
+    def __new__(cls, split: Split, *args, **kwargs):
+        # A streamed image folder's split holds files, not pixels: its batches stream.
+        if cls is DeviceBatches and type(split.x).__name__ == "FolderImages":
+            cls = StreamBatches
+        return super().__new__(cls)
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, *, device,
                  shuffle: bool, augment: bool, seed: int = 0, channels_last: bool = True,
@@ -539,3 +552,50 @@ class DeviceBatches:
         theta[:, 0, 2], theta[:, 1, 2] = 2 * left + cw - 1, 2 * top + ch - 1
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class StreamBatches(DeviceBatches):
+    """DeviceBatches of a streamed image folder (imagefolder.py: FolderImages): the same
+    batches' rules (global batch, contiguous rank shards, a last partial batch, the
+    generator that a checkpoint saves) with each shard decoded by DataLoader workers
+    (pinned memory on CUDA) and normalised on the device. The epoch's permutation and
+    every crop come from one number drawn from ``generator`` per pass, so a resumed run
+    (generator state restored) streams exactly the batches it would have."""
+
+    def __init__(self, split: Split, *args, **kwargs):
+        from .imagefolder import FolderDataset, loader_workers
+
+        super().__init__(split, *args, **kwargs)
+        self.dataset = FolderDataset(split.x, self.augment)
+        self.workers = loader_workers(self.world_size)
+
+    def _shards(self, epoch_seed: int) -> tuple[list, list]:
+        """-> (this rank's rows of each batch, each global batch's size)."""
+        n = len(self.y)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
+                 if self.shuffle else torch.arange(n))
+        shards, sizes = [], []
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            b = len(idx)
+            lo, hi = b * self.rank // self.world_size, b * (self.rank + 1) // self.world_size
+            shards.append([(int(r), epoch_seed) for r in idx[lo:hi]])
+            sizes.append(b)
+        return shards, sizes
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        epoch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.generator.device))
+        shards, sizes = self._shards(epoch_seed)
+        loader = DataLoader(self.dataset, batch_sampler=shards, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if self.workers else None)
+        for size, (x, rows) in zip(sizes, loader):
+            self.global_size = size
+            x = x.to(self.device, non_blocking=True)
+            rows = rows.to(self.device, non_blocking=True)
+            if self.with_indices:
+                yield self.normalize(x), self.y[rows], rows
+            else:
+                yield self.normalize(x), self.y[rows]

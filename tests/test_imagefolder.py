@@ -123,5 +123,6 @@ def test_fits_rule_refuses_what_does_not_fit(folder, monkeypatch):
 
     monkeypatch.setattr(imagefolder, "MEMORY_FRACTION", 1e-9)
     with pytest.raises(ConfigError, match=r"GiB decoded.*lower -P image_size"):
-        load_data(cfg_for(folder))
+        load_data(cfg_for(folder, data_loading="memory"))
+    assert type(load_data(cfg_for(folder)).train.x).__name__ == "FolderImages"  # auto: streamed
     assert np.isclose(imagefolder.CENTER_CROP_FRACTION, 0.875)

@@ -1,7 +1,7 @@
 """End to end on an image folder the test makes: kd through `mlflow run . -e kd` from a
-torchvision teacher given as a plain state dict, nokd and a feature mode (sfd) through the
-runner, each against a real MLflow store; the registered student answers class names for
-raw images through pyfunc."""
+torchvision teacher given as a plain state dict, nokd (in memory) and a feature mode (sfd,
+streamed) through the runner, each against a real MLflow store; the registered student
+answers class names for raw images through pyfunc."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
     assert int(metrics["test_images"]) == len(data.test)
 
 
-@pytest.mark.parametrize("mode", ["nokd", "sfd"])
-def test_nokd_and_a_feature_mode_through_the_runner(mode, folder, teacher_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])
+def test_nokd_and_a_feature_mode_through_the_runner(mode, loading, folder, teacher_file, tmp_path, monkeypatch):
     import mlflow
 
     from kd_mlflow.config import Config
@@ -80,7 +80,8 @@ def test_nokd_and_a_feature_mode_through_the_runner(mode, folder, teacher_file, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "student": "tv-resnet18",
-              "teacher": "tv-resnet18", "teacher_checkpoint": str(teacher_file), "experiment": f"if-{mode}"}
+              "teacher": "tv-resnet18", "teacher_checkpoint": str(teacher_file), "experiment": f"if-{mode}",
+              "data_loading": loading}
     result = run(Config.for_mode(mode, **values))
     client = mlflow.MlflowClient()
     r = client.get_run(result.run_id)
@@ -88,4 +89,4 @@ def test_nokd_and_a_feature_mode_through_the_runner(mode, folder, teacher_file, 
     terms = {"nokd": {"ce"}, "sfd": {"ce", "sfd"}}[mode]
     assert {k[len("loss_"):] for k in r.data.metrics if k.startswith("loss_")} == terms
     assert result.card["metadata"]["kd_mlflow"]["class_names"] == list(CLASSES)
-    assert result.test_images == 30
+    assert result.test_images == 30 and r.data.params["data_loading"] == loading
