@@ -150,3 +150,19 @@ def test_two_gloo_processes_stream_what_one_process_streams(tmp_path):
         assert mine == pytest.approx(ref, rel=1e-6, abs=1e-9)
     for k, v in one["state"].items():
         assert torch.allclose(two[0]["state"][k].double(), v.double(), rtol=1e-6, atol=1e-9), k
+
+
+def test_throughput_benchmark_quick(tmp_path, monkeypatch):
+    """The benchmark runs and writes its JSON (it asserts no speed)."""
+    import importlib.util
+    import json
+
+    monkeypatch.setenv("KD_DATA_WORKERS", "0")  # the benchmark sets it; restored afterwards
+    spec = importlib.util.spec_from_file_location("throughput_imagefolder",
+                                                  Path(__file__).parent.parent / "bench" / "throughput_imagefolder.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--sizes", "32", "--workers", "0", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["size"] == 32 and row["streaming_images_per_second"] > 0 and row["reference_images_per_second"] > 0
+    assert row["in_memory_images_per_second"] > 0
