@@ -46,6 +46,7 @@ class ImageClassifier:
         self.channels = int(card["input"]["channels"])
         self.mean = torch.tensor(card["normalization"]["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(card["normalization"]["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.resize = card.get("resize")  # image folders: {"short_side", "crop"}
         self.network = mlflow.pytorch.load_model(str(model_dir))
 
     def predict(self, model_input, params=None):
@@ -61,6 +62,8 @@ class ImageClassifier:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise _bad_input(f"expected uint8 images N x H x W (one channel) or N x {self.channels} x H x W, "
                              f"got shape {tuple(images.shape)}")
+        if self.resize and len(x) and tuple(x.shape[-2:]) != (self.resize["crop"],) * 2:
+            x = _resize_center_crop(x, self.resize["short_side"], self.resize["crop"])
         if len(x) and (dark := (x.flatten(1).amax(dim=1) <= SCALED_MAX).nonzero().flatten()).numel():
             raise _bad_input(f"image {int(dark[0])} (and {dark.numel() - 1} more) has no pixel above "
                              f"{SCALED_MAX}: send raw pixel values 0-255, not images scaled to [0, 1] or "
@@ -75,3 +78,17 @@ class ImageClassifier:
         index = index.numpy().astype(np.int64)
         return pd.DataFrame({"label": [self.class_names[i] for i in index], "class_index": index,
                              "probability": best.numpy().astype(np.float64)})
+
+
+def _resize_center_crop(x, short_side: int, crop: int):
+    """uint8 N x C x H x W -> N x C x crop x crop: shorter side to ``short_side`` (bilinear,
+    antialiased), centre crop; how an image folder's test images were prepared."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    scale = short_side / min(h, w)
+    nh, nw = max(short_side, round(h * scale)), max(short_side, round(w * scale))
+    y = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    return y[..., top:top + crop, left:left + crop].round().clamp(0, 255).to(torch.uint8)

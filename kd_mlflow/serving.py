@@ -31,6 +31,10 @@ def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: 
                   "height": info.image_size, "width": info.image_size},
         "normalization": {"mean": list(info.mean), "std": list(info.std),
                           "formula": "(x / 255 - mean) / std, per channel"},
+        # image folders: images of any size are resized as the test images were (shorter
+        # side to short_side, centre crop to height x width) before normalisation
+        **({"resize": {"short_side": max(info.image_size, round(info.image_size / 0.875)),
+                       "crop": info.image_size}} if info.resized_crop else {}),
         "network_input": "float32 N x C x H x W, normalised as above (mlflow.pytorch.load_model)",
         "selected_epoch": best_epoch + 1,
     }}
@@ -68,6 +72,8 @@ def raw_signature(card: dict):
     image = card["metadata"]["kd_mlflow"]["input"]
     shape = (-1, image["height"], image["width"]) if image["channels"] == 1 else \
         (-1, image["channels"], image["height"], image["width"])
+    if "resize" in card["metadata"]["kd_mlflow"]:  # any size: the model resizes (pyfunc_images)
+        shape = (-1, image["channels"], -1, -1)
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
                           outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"),
                                           ColSpec("double", "probability")]))

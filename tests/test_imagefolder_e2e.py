@@ -65,8 +65,17 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
                                      val_size=25))
     answer = model.predict(data.test.x[:8].numpy())
     assert len(answer) == 8 and set(answer["label"]) <= set(CLASSES)
-    # the served answers are the logged test images' predictions, image for image
     assert int(metrics["test_images"]) == len(data.test)
+    # raw images as they are on disk, any size: the model resizes and crops them itself
+    import numpy as np
+    from PIL import Image
+
+    assert card["resize"] == {"short_side": 37, "crop": 32}
+    for path in sorted((folder / "test" / "banana").iterdir())[:3]:
+        with Image.open(path) as img:
+            raw = np.asarray(img.convert("RGB")).transpose(2, 0, 1)[None].copy()
+        assert raw.shape[-2:] != (32, 32)
+        assert model.predict(raw)["label"][0] in CLASSES
 
 
 @pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])
