@@ -112,6 +112,7 @@ def load_model_checkpoint(path) -> tuple[dict, dict]:
     if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
         raise ConfigError(
             f"{path} is not a kd-mlflow checkpoint (no state_dict/meta); re-create it with `mlflow run . -e teacher`"
+            f"{' (a torchvision state dict loads with -P teacher=tv-<its architecture>)' if isinstance(obj, dict) else ''}"
         )
     meta = obj["meta"]
     missing = [k for k in META_KEYS if k not in meta]

@@ -262,6 +262,9 @@ class Config:
                     raise ConfigError(f"{name} applies to dataset=imagefolder only; {self.dataset} keeps its "
                                       f"native size and statistics (drop -P {name})")
             return
+        if self.mode == "teacher" and not self.output:
+            raise ConfigError("the teacher entry point on dataset=imagefolder needs -P output=FILE: pretrained/ "
+                              "holds the built-in datasets' teachers, and 'imagefolder' names no particular folder")
         if self.image_size != 0 and self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 (0 = 224), got {self.image_size}")
         for name in ("mean", "std"):

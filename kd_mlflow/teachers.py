@@ -22,6 +22,13 @@ def teacher_source(cfg: Config, spec: str | None = None) -> str:
         spec = cfg.teacher
     if spec.startswith("models:/") or spec.endswith(".pt") or "/" in spec:
         return spec
+    if cfg.dataset == "imagefolder":
+        # pretrained/ holds teachers of the built-in datasets; "imagefolder" names no
+        # particular folder, so a teacher for one is always given by its file.
+        raise ConfigError(
+            f"dataset=imagefolder needs the teacher's file: pass -P teacher_checkpoint=FILE (a torchvision state "
+            f"dict, or a checkpoint from `mlflow run . -e teacher -P dataset=imagefolder -P data_dir=DIR "
+            f"-P arch={spec.removeprefix('pretrained:')} -P output=FILE`)")
     name = spec[len("pretrained:"):] if spec.startswith("pretrained:") else f"{cfg.dataset}-{spec}"
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():

@@ -99,3 +99,23 @@ def test_nokd_and_a_feature_mode_through_the_runner(mode, loading, folder, teach
     assert {k[len("loss_"):] for k in r.data.metrics if k.startswith("loss_")} == terms
     assert result.card["metadata"]["kd_mlflow"]["class_names"] == list(CLASSES)
     assert result.test_images == 30 and r.data.params["data_loading"] == loading
+
+
+def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch):
+    """The teacher entry point on an image folder writes a checkpoint that kd loads."""
+    import mlflow
+
+    from kd_mlflow.config import Config
+    from kd_mlflow.runner import run
+    from kd_mlflow.teachers import load_teacher
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "fruit-resnet8.pt"
+    values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "epochs": 1}
+    result = run(Config.for_mode("teacher", arch="resnet8", output=str(out), experiment="if-teacher", **values))
+    kd = Config.for_mode("kd", student="tv-resnet18", teacher_checkpoint=str(out), **values)
+    model, meta = load_teacher(str(out), kd)
+    assert meta["arch"] == "resnet8" and meta["dataset"] == "imagefolder" and meta["num_classes"] == 5
+    assert meta["test_acc"] == result.test_acc

@@ -86,3 +86,17 @@ def test_every_loss_trains_a_torchvision_pair(mode):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_an_image_folder_teacher_is_always_a_file(tmp_path):
+    from kd_mlflow.teachers import teacher_source
+
+    root = make_image_folder(tmp_path / "data", train_per_class=3, test_per_class=1, corrupt=False)
+    cfg = Config.for_mode("kd", dataset="imagefolder", data_dir=str(root), teacher="tv-resnet50")
+    with pytest.raises(ConfigError, match="needs the teacher's file: pass -P teacher_checkpoint"):
+        teacher_source(cfg)
+    assert teacher_source(cfg.replace(teacher_checkpoint="t.pth")) == "t.pth"
+    with pytest.raises(ConfigError, match="needs -P output=FILE"):
+        Config.for_mode("teacher", dataset="imagefolder", data_dir=str(root), arch="tv-resnet18").validate()
+    Config.for_mode("teacher", dataset="imagefolder", data_dir=str(root), arch="tv-resnet18",
+                    output=str(tmp_path / "t.pt")).validate()
