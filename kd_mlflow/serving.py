@@ -61,6 +61,8 @@ def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: 
     ])
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network,
             "teacher": (teacher_meta or {}).get("arch", "") or cfg.teacher or "none", "test_acc": f"{test_acc:.2f}"}
+    if info.class_names:  # an image folder's classes are its own: the version says which
+        tags["class_names"] = ",".join(info.class_names)[:5000]
     return {"metadata": metadata, "description": description, "tags": tags, "step": int(best_epoch)}
 
 

@@ -53,6 +53,7 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
     assert metrics["skipped_images"] == 1 and 0 <= metrics["test_acc"] <= 100
     assert {h.step for h in client.get_metric_history(run.info.run_id, "loss_kd")} == {0, 1}
     version = next(v for v in client.search_model_versions("name='fruit-kd'") if v.run_id == run.info.run_id)
+    assert version.tags["class_names"] == ",".join(CLASSES)
     mlflow.set_tracking_uri(store)
     model = mlflow.pyfunc.load_model(f"models:/fruit-kd/{version.version}")
     card = model.metadata.metadata["kd_mlflow"]
