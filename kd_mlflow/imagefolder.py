@@ -109,6 +109,14 @@ def normalisation(cfg) -> tuple[tuple, tuple]:
     return three("mean", IMAGENET_MEAN), three("std", IMAGENET_STD)
 
 
+def rgb(img):
+    """A PIL image as RGB: grayscale replicated, palette and alpha images through RGBA
+    (their transparency resolved by the palette), alpha dropped."""
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+
+
 def decode(path: Path, size: int) -> np.ndarray:
     """-> uint8 3 x size x size: RGB, shorter side resized to size / 0.875, centre crop.
     Raises whatever PIL raises for an unreadable file."""
@@ -116,8 +124,7 @@ def decode(path: Path, size: int) -> np.ndarray:
 
     with Image.open(path) as img:
         img.load()  # the whole file: a truncated one fails here, not later
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+        img = rgb(img)
         w, h = img.size
         short = max(size, round(size / CENTER_CROP_FRACTION))
         scale = short / min(w, h)
@@ -293,7 +300,7 @@ def _train_view(path: str, size: int, seed: int):
 
     rng = np.random.default_rng(seed)
     with Image.open(path) as img:
-        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+        img = rgb(img)
         w, h = img.size
         area = w * h
         box = None
