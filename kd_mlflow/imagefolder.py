@@ -290,10 +290,11 @@ class FolderImages:
         return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
-def _train_view(path: str, size: int, seed: int):
+def _train_view(path: str, size: int, seed: tuple):
     """uint8 3 x size x size: torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3,
     ten tries, then the centre crop) and a horizontal flip, on the whole image, drawn from
-    ``seed`` (so the view does not depend on which worker makes it)."""
+    ``seed`` = (epoch seed, image position), so the view does not depend on which worker
+    makes it."""
     import math as m
 
     from PIL import Image
@@ -338,7 +339,7 @@ class FolderDataset:
         row, epoch_seed = item
         path = self.images.paths[row]
         try:
-            pixels = (_train_view(path, self.images.size, epoch_seed * 1_000_003 + row) if self.augment
+            pixels = (_train_view(path, self.images.size, (epoch_seed, row)) if self.augment
                       else decode(Path(path), self.images.size))
         except Exception as exc:
             # check_readable passed it when the folder was read: a file changed or broke since.
