@@ -591,7 +591,7 @@ class StreamBatches(DeviceBatches):
         loader = DataLoader(self.dataset, batch_sampler=shards, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if self.workers else None)
-        for size, (x, rows) in zip(sizes, loader):
+        for size, (x, rows) in zip(sizes, _one_line_errors(loader)):
             self.global_size = size
             x = x.to(self.device, non_blocking=True)
             rows = rows.to(self.device, non_blocking=True)
@@ -599,3 +599,16 @@ class StreamBatches(DeviceBatches):
                 yield self.normalize(x), self.y[rows], rows
             else:
                 yield self.normalize(x), self.y[rows]
+
+
+def _one_line_errors(loader):
+    """``loader``'s batches; an image that became unreadable since the folder was indexed
+    ends the run with one line (the last epoch's checkpoint stays for resume), not with a
+    worker's traceback."""
+    from .imagefolder import UnreadableImage
+
+    try:
+        yield from loader
+    except UnreadableImage as exc:  # re-raised by the DataLoader with the worker's traceback in its text
+        raise ConfigError(str(exc).strip().splitlines()[-1].removeprefix("kd_mlflow.imagefolder.UnreadableImage: ")
+                          .removeprefix("UnreadableImage: ")) from None

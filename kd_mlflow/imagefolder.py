@@ -324,6 +324,11 @@ def _train_view(path: str, size: int, seed: tuple):
         return np.asarray(view, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+class UnreadableImage(RuntimeError):
+    """A streamed image that decoded when the folder was indexed and fails now. Raised in
+    a DataLoader worker; StreamBatches turns it into the one-line ConfigError."""
+
+
 class FolderDataset:
     """A map-style dataset over FolderImages for a DataLoader: item (image, epoch seed) ->
     (uint8 image, position). Training views are random crops seeded by (epoch seed,
@@ -343,8 +348,8 @@ class FolderDataset:
                       else decode(Path(path), self.images.size))
         except Exception as exc:
             # check_readable passed it when the folder was read: a file changed or broke since.
-            raise RuntimeError(f"cannot read image {path} ({type(exc).__name__}: {exc}); it was readable when "
-                               f"the folder was indexed; replace it and resume the run") from None
+            raise UnreadableImage(f"cannot read image {path} ({_problem(exc)}); it was readable when the folder "
+                                  f"was indexed: replace it and resume the run (-P resume=auto)") from None
         return torch.from_numpy(pixels), row
 
 

@@ -166,3 +166,18 @@ def test_throughput_benchmark_quick(tmp_path, monkeypatch):
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert row["size"] == 32 and row["streaming_images_per_second"] > 0 and row["reference_images_per_second"] > 0
     assert row["in_memory_images_per_second"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_broken_after_indexing_is_one_line(workers, tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path, train_per_class=4, test_per_class=2, corrupt=False)
+    data = load_data(cfg_for(root, val_size=2))
+    victim = next((root / "train" / "apple").glob("*.png"))
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n broken since")
+    monkeypatch.setenv("KD_DATA_WORKERS", str(workers))
+    batches = DeviceBatches(data.train, data.info, 18, device="cpu", shuffle=False, augment=True)
+    with pytest.raises(ConfigError) as err:
+        list(batches)
+    message = str(err.value)
+    assert message.startswith(f"cannot read image {victim} (") and "resume" in message
+    assert "\n" not in message and "Traceback" not in message
