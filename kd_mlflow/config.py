@@ -130,15 +130,6 @@ class Config:
     def __post_init__(self):
         from .modes import declared_parameter
 
-        # torchvision:<name> as users type it; tv-<name> as runs log it (MLflow model names refuse ':').
-        for name in ("student", "teacher"):
-            value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("torchvision:"):
-                setattr(self, name, "tv-" + value[len("torchvision:"):])
-        arch = self.method.get("arch")
-        if isinstance(arch, str) and arch.startswith("torchvision:"):
-            self.method["arch"] = "tv-" + arch[len("torchvision:"):]
-
         unknown = [k for k in self.method if declared_parameter(k) is None]
         if unknown:  # a typo in a parameter name fails here, not at the first forward pass
             raise TypeError(f"Config got unknown parameter(s): {', '.join(unknown)}")
@@ -199,6 +190,7 @@ class Config:
     def validate(self) -> "Config":
         from .datasets import DATASETS
         from .models import ARCHITECTURES, is_known_architecture
+        from .models.torchvision_models import torchvision_name
         from .modes import MODES
 
         if self.mode not in MODES:
@@ -215,7 +207,11 @@ class Config:
                 raise ConfigError(
                     f"unknown {name} architecture {value!r}; choose one of: {', '.join(ARCHITECTURES)}"
                 )
-            if name in uses and value.startswith("tv-") and self.dataset in DATASETS \
+            if name in uses and name != "teacher" and value.startswith("torchvision:"):
+                # The network trained here names its MLflow model, and model names refuse ':'.
+                raise ConfigError(f"{name}={value}: write {name}=tv-{value[len('torchvision:'):]} (the name "
+                                  f"becomes part of MLflow model names, which cannot contain ':')")
+            if name in uses and torchvision_name(value) and self.dataset in DATASETS \
                     and DATASETS[self.dataset].in_channels != 3:
                 raise ConfigError(f"{name}={value}: torchvision architectures take 3-channel images and "
                                   f"{self.dataset} has {DATASETS[self.dataset].in_channels}; use cifar10, cifar100 "

@@ -10,6 +10,7 @@ from .checkpoint import load_model_checkpoint, load_state_dict_file
 from .config import Config, ConfigError
 from .data import dataset_info
 from .models import create_model
+from .models.torchvision_models import canonical, torchvision_name
 from .pretrained import PRETRAINED_DIR
 
 
@@ -63,7 +64,7 @@ def load_teacher(source: str, cfg: Config):
     """-> (frozen-ready model on CPU, metadata), checked against the run's dataset."""
     path = _download_registered(source) if source.startswith("models:/") else Path(source)
     info = dataset_info(cfg)
-    if cfg.teacher.startswith("tv-") and not source.startswith("models:/"):
+    if torchvision_name(cfg.teacher) and not source.startswith("models:/"):
         obj = load_state_dict_file(path)
         if isinstance(obj, dict) and ("state_dict" not in obj or "meta" not in obj):  # a plain state dict
             return _torchvision_teacher(obj, source, cfg, info)
@@ -90,7 +91,7 @@ def load_teacher(source: str, cfg: Config):
 
 
 def _torchvision_teacher(state: dict, source: str, cfg: Config, info):
-    """A torchvision network (``-P teacher=tv-<name>``) from a plain state dict, e.g.
+    """A torchvision network (``-P teacher=tv-<name>`` or ``torchvision:<name>``) from a plain state dict, e.g.
     torchvision's published weights: its classifier must have the dataset's classes."""
     model = create_model(cfg.teacher, info.num_classes, info.in_channels)
     net_state = {k[len("net."):] if k.startswith("net.") else k: v for k, v in state.items()}
@@ -101,12 +102,12 @@ def _torchvision_teacher(state: dict, source: str, cfg: Config, info):
             f"teacher checkpoint {source} has a {found.shape[0]}-class classifier ({key} "
             f"{found.shape[0]}x{found.shape[1]}), but {cfg.dataset} {cfg.resolved_data_dir()} has "
             f"{info.num_classes} classes; pass a checkpoint whose classifier was trained on these classes "
-            f"(or train one: mlflow run . -e teacher -P dataset={cfg.dataset} -P arch={cfg.teacher} ...)")
+            f"(or train one: mlflow run . -e teacher -P dataset={cfg.dataset} -P arch={canonical(cfg.teacher)} ...)")
     try:
         model.net.load_state_dict(net_state, strict=True)
     except RuntimeError as exc:
         raise ConfigError(
-            f"teacher checkpoint {source} does not load as torchvision's {cfg.teacher[len('tv-'):]} "
+            f"teacher checkpoint {source} does not load as torchvision's {torchvision_name(cfg.teacher)} "
             f"({str(exc).splitlines()[0][:160]}); check -P teacher") from exc
     meta = {"arch": cfg.teacher, "dataset": cfg.dataset, "num_classes": info.num_classes,
             "in_channels": info.in_channels}

@@ -15,7 +15,8 @@ _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 ARCHITECTURES = tuple(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS) + tuple(IMAGENET_STYLE) + (
     "wrn-<depth>-<width> (depth 6n+4, e.g. wrn-16-2, wrn-40-2)",
-    "tv-<torchvision classification model> (or torchvision:<name>, e.g. tv-resnet18, tv-mobilenet_v3_small)",
+    "tv-<torchvision classification model> (e.g. tv-resnet18, tv-mobilenet_v3_small; a teacher may also be "
+    "written torchvision:<name>)",
 )
 
 

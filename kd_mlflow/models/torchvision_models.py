@@ -3,8 +3,9 @@
 ``tv-resnet50``, ``tv-mobilenet_v3_small``, ``tv-efficientnet_b0``: any classification
 builder of ``torchvision.models``, built with ``weights=None`` (weights come from a
 checkpoint file, never from the network). The name is ``tv-`` rather than
-``torchvision:`` because the student's name becomes part of MLflow model names, which
-refuse ``:``; ``torchvision:<name>`` is accepted and rewritten (config.py).
+``torchvision:`` because the trained network's name becomes part of MLflow model names,
+which refuse ``:``; a teacher, which names no model, may be written ``torchvision:<name>``
+(kept as typed: ``mlflow run`` logs -P values as typed, and a resume compares them).
 
 The network stays the torchvision module (``net``), so its state dict is exactly
 torchvision's with a ``net.`` prefix and published weights load into it. Feature modes
@@ -54,7 +55,7 @@ def torchvision_name(arch: str) -> str | None:
 
 
 def canonical(arch: str) -> str:
-    """The name runs log: ``torchvision:resnet18`` -> ``tv-resnet18``; others unchanged."""
+    """The architecture's name in model names: ``torchvision:resnet18`` -> ``tv-resnet18``."""
     return PREFIX + arch[len(ALIAS):] if arch.startswith(ALIAS) else arch
 
 
