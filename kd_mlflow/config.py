@@ -53,6 +53,10 @@ class Config:
     teacher_checkpoint: str = _f(
         "", "Teacher checkpoint: a file, or a models:/ URI; empty = pretrained/<dataset>-<teacher>.pt."
     )
+    teacher_finetune_epochs: int = _f(
+        0, "When the teacher checkpoint's classifier has another number of classes than the dataset: epochs of "
+           "training a new classifier on the frozen network (a nested run teacher-finetune) before distillation; "
+           "0 = refuse such a checkpoint.")
     epochs: int = _f(10, "Training epochs.")
     batch_size: int = _f(128, "Batch size.")
     lr: float = _f(0.1, "Initial learning rate.")
@@ -221,6 +225,8 @@ class Config:
             if not cond:
                 raise ConfigError(msg)
 
+        need(self.teacher_finetune_epochs >= 0,
+             f"teacher_finetune_epochs must be >= 0 (0 = off), got {self.teacher_finetune_epochs}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}; pass -P epochs=N with N >= 1")
         need(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

@@ -63,7 +63,7 @@ RUNTIME = ("seed", "device", "precision", "compile", "system_metrics", "teacher_
 # never tell runs apart by these).
 EXECUTION = ("device", "precision", "compile", "system_metrics", "teacher_cache", "nproc_per_node", "data_dir",
              "experiment", "registered_model")
-PAIR = ("student", "teacher", "teacher_checkpoint")
+PAIR = ("student", "teacher", "teacher_checkpoint", "teacher_finetune_epochs")
 
 
 def _all(*checks):

@@ -32,7 +32,7 @@ from .modes import MODES
 from . import pretrained
 from .pretrained import is_inside_pretrained
 from .serving import model_card
-from .teachers import PRETRAINED_DIR, load_teacher, teacher_source
+from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
 from .tracking import NullTracker
 from .trainer import Trainer, count_correct, evaluate, resolve_device, resolve_precision, seed_everything
 
@@ -294,6 +294,8 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
         if cfg.system_metrics:
             tracker.monitor_system()  # rank 0's run only: the other ranks hold a _RankTracker
         try:
+            # A teacher whose checkpoint had another class count: its new head first.
+            teachers, metas = finetune_heads(cfg, teachers, metas, data, tracker, rt)
             if mode.kind == "strategy":
                 return impl(cfg, data, teachers, metas, tracker, rt)
             result = train_student(cfg, impl, data, teachers, tracker, rt,

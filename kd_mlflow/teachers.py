@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .checkpoint import load_model_checkpoint, load_state_dict_file
 from .config import Config, ConfigError
 from .data import dataset_info
@@ -97,12 +99,24 @@ def _torchvision_teacher(state: dict, source: str, cfg: Config, info):
     net_state = {k[len("net."):] if k.startswith("net.") else k: v for k, v in state.items()}
     key = f"{model.classifier_name}.weight"
     found = net_state.get(key)
+    if found is not None and found.ndim == 2 and found.shape[0] != info.num_classes and cfg.teacher_finetune_epochs:
+        # Everything but the classifier loads; the new head trains in finetune_heads.
+        head = {k for k in net_state if k.startswith(model.classifier_name + ".")}
+        missing, unexpected = model.net.load_state_dict({k: v for k, v in net_state.items() if k not in head},
+                                                        strict=False)
+        if unexpected or set(missing) != {f"{model.classifier_name}.{n}" for n, _ in
+                                          model.classifier.named_parameters()}:
+            raise ConfigError(f"teacher checkpoint {source} does not load as torchvision's "
+                              f"{torchvision_name(cfg.teacher)} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              f"check -P teacher")
+        return model, {"arch": cfg.teacher, "dataset": cfg.dataset, "num_classes": info.num_classes,
+                       "in_channels": info.in_channels, "finetune_head_from": int(found.shape[0])}
     if found is not None and found.ndim == 2 and found.shape[0] != info.num_classes:
         raise ConfigError(
             f"teacher checkpoint {source} has a {found.shape[0]}-class classifier ({key} "
             f"{found.shape[0]}x{found.shape[1]}), but {cfg.dataset} {cfg.resolved_data_dir()} has "
-            f"{info.num_classes} classes; pass a checkpoint whose classifier was trained on these classes "
-            f"(or train one: mlflow run . -e teacher -P dataset={cfg.dataset} -P arch={canonical(cfg.teacher)} ...)")
+            f"{info.num_classes} classes; pass -P teacher_finetune_epochs=N to train a new classifier on the frozen "
+            f"network first, or a checkpoint whose classifier was trained on these classes")
     try:
         model.net.load_state_dict(net_state, strict=True)
     except RuntimeError as exc:
@@ -112,3 +126,63 @@ def _torchvision_teacher(state: dict, source: str, cfg: Config, info):
     meta = {"arch": cfg.teacher, "dataset": cfg.dataset, "num_classes": info.num_classes,
             "in_channels": info.in_channels}
     return model, meta
+
+
+class _HeadOnly(torch.nn.Module):
+    """A network whose classifier alone trains: every other parameter frozen and every
+    other module in eval mode (BatchNorm statistics untouched)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        model.requires_grad_(False)
+        model.classifier.requires_grad_(True)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()
+        self.model.classifier.train(mode)
+        return self
+
+
+def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) -> tuple[list, list]:
+    """Teachers whose checkpoint had another number of classes (load_teacher with
+    teacher_finetune_epochs) get their new classifier trained on the frozen network, on
+    the run's training split, selected by validation accuracy, each in a nested run
+    ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
+    from .distillers.base import NoKD
+    from .runner import RUNS_DIR
+    from .trainer import Trainer, count_correct, seed_everything
+
+    teachers, metas = list(teachers), [dict(m) for m in metas]
+    for i, meta in enumerate(metas):
+        if "finetune_head_from" not in meta:
+            continue
+        head_cfg = cfg.replace(mode="nokd", epochs=cfg.teacher_finetune_epochs, registered_model="")
+        tags = {"mode": "teacher-finetune", "parent_mode": cfg.mode, "stage": "teacher finetune",
+                "dataset": cfg.dataset, "student": meta["arch"], "teacher": "none"}
+        with tracker.child(f"teacher-finetune-{canonical(meta['arch'])}", tags=tags) as child:
+            child.log_params({"arch": meta["arch"], "epochs": head_cfg.epochs, "lr": cfg.lr,
+                              "classes_in_checkpoint": meta["finetune_head_from"], "seed": cfg.seed})
+            seed_everything(cfg.seed)
+            head_only = _HeadOnly(teachers[i])
+            trainer = Trainer(NoKD(head_only, [], head_cfg), data, head_cfg, device=rt.device, amp_dtype=rt.amp_dtype,
+                              tracker=child, workdir=RUNS_DIR / (child.run_id or "untracked"),
+                              progress_desc="teacher finetune")
+            fit = trainer.fit()
+            model = head_only.model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
+            from .data import DeviceBatches
+
+            correct, n = count_correct(model, DeviceBatches(data.test, data.info, 500, device="cpu", shuffle=False,
+                                                            augment=False, channels_last=False))
+            meta["head_finetuned_from"] = meta.pop("finetune_head_from")  # done: never twice
+            meta.update({"test_acc": 100.0 * correct / n, "best_val_acc": fit.best_val_acc,
+                         "mlflow_run_id": child.run_id or ""})
+            child.log_metrics({"test_acc": meta["test_acc"], "best_val_acc": fit.best_val_acc},
+                              step=fit.best_epoch)
+        model.requires_grad_(False)
+        teachers[i] = model
+    return teachers, metas
