@@ -1,6 +1,6 @@
 """End to end on an image folder the test makes: kd through `mlflow run . -e kd` from a
 torchvision teacher given as a plain state dict, nokd (in memory) and a feature mode (sfd,
-streamed) through the runner, each against a real MLflow store; the registered student
+streamed) through `mlflow run` too, each against a real MLflow store; the registered student
 answers class names for raw images through pyfunc."""
 
 from __future__ import annotations
@@ -80,26 +80,19 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
 
 
 @pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])
-def test_nokd_and_a_feature_mode_through_the_runner(mode, loading, folder, teacher_file, tmp_path, monkeypatch):
-    import mlflow
-
-    from kd_mlflow.config import Config
-    from kd_mlflow.runner import run
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "student": "tv-resnet18",
-              "teacher": "tv-resnet18", "teacher_checkpoint": str(teacher_file), "experiment": f"if-{mode}",
-              "data_loading": loading}
-    result = run(Config.for_mode(mode, **values))
-    client = mlflow.MlflowClient()
-    r = client.get_run(result.run_id)
+def test_nokd_and_a_feature_mode_through_mlflow_run(mode, loading, folder, teacher_file, tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {**SMALL, "data_dir": folder, "student": "tv-resnet18", "teacher": "tv-resnet18",
+              "teacher_checkpoint": teacher_file, "data_loading": loading}
+    proc = mlflow_run(mode, store, f"if-{mode}", params)
+    assert "Traceback" not in proc.stderr
+    client, runs = runs_of(store, f"if-{mode}")
+    r = runs[-1]
     assert r.info.status == "FINISHED" and r.data.metrics["skipped_images"] == 1
     terms = {"nokd": {"ce"}, "sfd": {"ce", "sfd"}}[mode]
     assert {k[len("loss_"):] for k in r.data.metrics if k.startswith("loss_")} == terms
-    assert result.card["metadata"]["kd_mlflow"]["class_names"] == list(CLASSES)
-    assert result.test_images == 30 and r.data.params["data_loading"] == loading
+    assert r.data.tags["class_names"] == ",".join(CLASSES)
+    assert r.data.metrics["test_images"] == 30 and r.data.params["data_loading"] == loading
 
 
 def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch):
