@@ -45,8 +45,8 @@ def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/flush.db"
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("flush")).info.run_id
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the buffer's MlflowClient() reads the process-wide URI (conftest resets it)
     link = tracking._Link(uri)
     buffer = tracking._MetricBuffer(run_id, link, tracking._Offline(run_id, link))
     for step in range(3000):  # three batches of 1000
