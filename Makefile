@@ -85,6 +85,9 @@ postgres:
 # train. Its MLflow store lives outside the repo, in $(BENCH_DIR).
 BENCH_DIR ?= $(HOME)/kd-benchmark
 BENCH_KD = cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db $(CURDIR)/$(BIN)/kd-mlflow
+# Cells trained at once, each in its own process (make benchmark BENCH_JOBS=2 on 2 cores,
+# more on a big GPU with --device cuda).
+BENCH_JOBS ?= 1
 BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20
 BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd,dkd,dist,crd
 
@@ -103,23 +106,25 @@ $(TEACHER2): | setup data
 
 benchmark: setup data $(TEACHER2)
 	mkdir -p $(BENCH_DIR)
-	$(BENCH_KD) benchmark --modes $(BENCH_SINGLE) --seeds 3 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
-	$(BENCH_KD) benchmark --modes allkd,kdparam,takd --seeds 3 $(BENCH_REGIME) --experiment fmnist-benchmark \
+	$(BENCH_KD) benchmark --jobs $(BENCH_JOBS) --modes $(BENCH_SINGLE) --seeds 3 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
+	$(BENCH_KD) benchmark --jobs $(BENCH_JOBS) --modes allkd,kdparam,takd --seeds 3 $(BENCH_REGIME) --experiment fmnist-benchmark \
 	  --teachers pretrained:fashion_mnist-resnet14,pretrained:fashion_mnist-resnet20 \
 	  --temperatures 2,4,8 --alphas 0.5,0.9,1.0
-	$(BENCH_KD) benchmark --modes $(BENCH_SINGLE) --seeds 5 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
-	$(BENCH_KD) benchmark --modes nokd,kd,uda --seeds 5 $(BENCH_REGIME) --labeled-fraction 0.1 \
+	$(BENCH_KD) benchmark --jobs $(BENCH_JOBS) --modes $(BENCH_SINGLE) --seeds 5 $(BENCH_REGIME) $(BENCH_ENSEMBLE) --experiment fmnist-benchmark
+	$(BENCH_KD) benchmark --jobs $(BENCH_JOBS) --modes nokd,kd,uda --seeds 5 $(BENCH_REGIME) --labeled-fraction 0.1 \
 	  --experiment fmnist-benchmark-semisup
+	$(BENCH_KD) benchmark --jobs $(BENCH_JOBS) --modes nokd,pkd,sfd --seeds 3 --teacher pretrained:fashion_mnist-resnet20 \
+	  --train-subset 5000 --val-size 5000 --epochs 10 --experiment fmnist-10epochs
 	@$(MAKE) --no-print-directory benchmark-summary
 
 # Tables and figures of the benchmark's experiments -> docs/benchmark/ (also while it runs).
 benchmark-summary: setup
-	@for exp in fmnist-benchmark fmnist-benchmark-semisup; do \
+	@for exp in fmnist-benchmark fmnist-benchmark-semisup fmnist-10epochs; do \
 	  out=$$(mktemp -d) && \
 	  (cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db \
 	    $(CURDIR)/$(BIN)/kd-mlflow compare --experiment $$exp --output-dir $$out > /dev/null) || \
 	    { echo "$$exp: nothing to summarise yet"; rm -rf $$out; continue; }; \
-	  name=$$(echo $$exp | sed 's/fmnist-benchmark/fashion_mnist/') && \
+	  name=$$(echo $$exp | sed -e 's/fmnist-benchmark/fashion_mnist/' -e 's/^fmnist-/fashion_mnist-/') && \
 	  cp $$out/summary.csv docs/benchmark/$$name.csv && cp $$out/runs.csv docs/benchmark/$$name-runs.csv && \
 	  cp $$out/summary.md docs/benchmark/$$name.md && \
 	  cp $$out/figures/test_acc_by_mode.png docs/benchmark/$$name-test-acc.png && \
