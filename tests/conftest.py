@@ -171,14 +171,15 @@ def mlflow_server(tmp_path_factory):
         stop_server(proc)  # before the database is dropped
 
 
-@pytest.fixture(autouse=True)
-def _no_tracking_uri_leaks():
-    """mlflow.set_tracking_uri is process-wide: a test that points MLflow at its own store
-    must not leave it to the next test (a later MlflowClient() would log to a store
-    that is gone; it once made test_tracking_buffer wait 120 s for a run "not found")."""
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(None)
+@pytest.fixture()
+def own_tracking_uri():
+    """-> a setter for MLflow's process-wide tracking URI that is undone after the test
+    (mlflow.set_tracking_uri left set leaks into later tests: a later MlflowClient() would
+    log to a store that is gone)."""
+    import mlflow
+
+    yield mlflow.set_tracking_uri
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture()

@@ -33,7 +33,7 @@ def teacher_file(tmp_path_factory):
     return path
 
 
-def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
+def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri):
     from mlflow import MlflowClient
     import mlflow.pyfunc
 
@@ -54,7 +54,7 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path):
     assert {h.step for h in client.get_metric_history(run.info.run_id, "loss_kd")} == {0, 1}
     version = next(v for v in client.search_model_versions("name='fruit-kd'") if v.run_id == run.info.run_id)
     assert version.tags["class_names"] == ",".join(CLASSES)
-    mlflow.set_tracking_uri(store)
+    own_tracking_uri(store)
     model = mlflow.pyfunc.load_model(f"models:/fruit-kd/{version.version}")
     card = model.metadata.metadata["kd_mlflow"]
     assert card["class_names"] == list(CLASSES) and card["input"]["height"] == 32
@@ -95,7 +95,7 @@ def test_nokd_and_a_feature_mode_through_mlflow_run(mode, loading, folder, teach
     assert r.data.metrics["test_images"] == 30 and r.data.params["data_loading"] == loading
 
 
-def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch):
+def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch, own_tracking_uri):
     """The teacher entry point on an image folder writes a checkpoint that kd loads."""
     import mlflow
 
@@ -105,7 +105,7 @@ def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    own_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     out = tmp_path / "fruit-resnet8.pt"
     values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "epochs": 1}
     result = run(Config.for_mode("teacher", arch="resnet8", output=str(out), experiment="if-teacher", **values))

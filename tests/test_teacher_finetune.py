@@ -51,7 +51,7 @@ def test_the_head_trains_and_nothing_else_moves(setup):
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
-def test_a_nested_run_before_distillation(setup, tmp_path, monkeypatch):
+def test_a_nested_run_before_distillation(setup, tmp_path, monkeypatch, own_tracking_uri):
     import mlflow
 
     from kd_mlflow.runner import run
@@ -59,7 +59,7 @@ def test_a_nested_run_before_distillation(setup, tmp_path, monkeypatch):
     folder, ckpt, _ = setup
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    own_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     result = run(Config.for_mode("kd", data_dir=str(folder), teacher_checkpoint=str(ckpt), teacher_finetune_epochs=1,
                                  experiment="finetune", **SMALL))
     client = mlflow.MlflowClient()

@@ -36,7 +36,7 @@ def test_buffer_is_bounded_and_loses_nothing_when_the_server_never_answers(tmp_p
     assert link.gave_up and offline.used
 
 
-def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch):
+def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch, own_tracking_uri):
     """Registering a model picks the champion by test_acc, so the tracker flushes its
     buffer first: after flush() the store must hold every point (a real SQLite store)."""
     import mlflow
@@ -46,7 +46,7 @@ def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("flush")).info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)  # the buffer's MlflowClient() reads the process-wide URI (conftest resets it)
+    own_tracking_uri(uri)  # the buffer's MlflowClient() reads the process-wide URI
     link = tracking._Link(uri)
     buffer = tracking._MetricBuffer(run_id, link, tracking._Offline(run_id, link))
     for step in range(3000):  # three batches of 1000
