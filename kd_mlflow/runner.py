@@ -34,7 +34,8 @@ from .pretrained import is_inside_pretrained
 from .serving import model_card
 from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
 from .tracking import NullTracker
-from .trainer import Trainer, count_correct, evaluate, resolve_device, resolve_precision, seed_everything
+from .trainer import (Trainer, count_correct, evaluate, exported_test_batches, resolve_device, resolve_precision,
+                      seed_everything)
 
 RUNS_DIR = Path("runs")
 
@@ -93,10 +94,11 @@ def raw_example(data: DataBundle, n: int = 2):
 
 def _same_weights(state: dict, other: dict) -> bool:
     """Whether two state dicts hold the same tensors, value for value (as fp32 on CPU)."""
-    return state.keys() == other.keys() and all(
-        torch.equal(state[k].detach().to("cpu", torch.float32 if state[k].is_floating_point() else state[k].dtype),
-                    other[k].detach().to("cpu", torch.float32 if other[k].is_floating_point() else other[k].dtype))
-        for k in state)
+    def as_compared(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+
+    return state.keys() == other.keys() and all(torch.equal(as_compared(state[k]), as_compared(other[k]))
+                                                for k in state)
 
 
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
@@ -127,8 +129,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     # test_acc is measured on the model exactly as it is exported: fp32, eval mode,
     # contiguous layout, on CPU, so a user who loads the registered model gets the same
     # count of correct images (every rank computes it whole: no collective needed).
-    cpu_test = DeviceBatches(data.test, info, 500, device="cpu", shuffle=False, augment=False,
-                             channels_last=False)
+    cpu_test = exported_test_batches(data)
     correct, n = count_correct(student_cpu, cpu_test)
     if _same_weights(fit.last_student_state, student_cpu.state_dict()):
         correct_last = correct  # the best epoch was the last: the same model, the same count

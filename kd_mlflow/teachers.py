@@ -155,7 +155,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
     ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
     from .distillers.base import NoKD
     from .runner import RUNS_DIR
-    from .trainer import Trainer, count_correct, seed_everything
+    from .trainer import Trainer, count_correct, exported_test_batches, seed_everything
 
     teachers, metas = list(teachers), [dict(m) for m in metas]
     for i, meta in enumerate(metas):
@@ -174,10 +174,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
                               progress_desc="teacher finetune")
             fit = trainer.fit()
             model = head_only.model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
-            from .data import DeviceBatches
-
-            correct, n = count_correct(model, DeviceBatches(data.test, data.info, 500, device="cpu", shuffle=False,
-                                                            augment=False, channels_last=False))
+            correct, n = count_correct(model, exported_test_batches(data))
             meta["head_finetuned_from"] = meta.pop("finetune_head_from")  # done: never twice
             meta.update({"test_acc": 100.0 * correct / n, "best_val_acc": fit.best_val_acc,
                          "mlflow_run_id": child.run_id or ""})

@@ -154,6 +154,13 @@ def evaluate(model: torch.nn.Module, batches: DeviceBatches, amp_dtype=None) -> 
     return 100.0 * correct / max(n, 1), loss / max(n, 1)
 
 
+def exported_test_batches(data: DataBundle) -> DeviceBatches:
+    """The test split as a user's exported model sees it: on CPU, contiguous, in order,
+    unaugmented (what count_correct's numbers are measured on)."""
+    return DeviceBatches(data.test, data.info, 500, device="cpu", shuffle=False, augment=False,
+                         channels_last=False)
+
+
 @torch.inference_mode()
 def count_correct(model: torch.nn.Module, batches: DeviceBatches) -> tuple[int, int]:
     """-> (correct images, images) of ``model`` in fp32 and eval mode over unsharded
