@@ -94,8 +94,88 @@ def session(device: torch.device, batch_size: int, nproc_per_node: int):
     try:
         yield device
     finally:
+        _stop_signal.clear()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ stopping together
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run is marked KILLED and the process exits != 0;
+    the last completed epoch's checkpoint stays for ``-P resume``."""
+
+
+_stop_signal: list[int] = []  # the signal this rank got and has not acted on yet
+
+
+def request_stop(signum: int) -> bool:
+    """Called by a rank's SIGTERM/SIGINT handler. In a process group the first signal
+    is only recorded, and the ranks stop together at a training step they agree on
+    (:class:`StopVote`): a rank that raised wherever the signal found it (inside DDP's
+    backward, a collective half done) could leave the others, or its own gloo threads,
+    in a state that ends in an abort rather than a KILLED run. -> True when recorded;
+    False when the caller should raise now (one process, or a second signal)."""
+    if world_size() == 1 or _stop_signal:
+        return False
+    _stop_signal.append(signum)
+    return True
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    import signal
+
+    return Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+class StopVote:
+    """Ranks agree, step by step, whether one of them was asked to stop: each step adds
+    an all-reduce of one flag, issued asynchronously and read ``lag`` steps later, so
+    the host never waits for the device to catch up (the flag is copied to pinned host
+    memory behind an event on CUDA). Every rank reads the same sum at the same step and
+    raises there. No-op in one process."""
+
+    def __init__(self, device: torch.device, lag: int = 2):
+        self.enabled = world_size() > 1
+        self.device, self.lag = device, lag
+        self.pending: list = []
+
+    def step(self) -> None:
+        if not self.enabled:
+            return
+        flag = torch.tensor([_stop_signal[0] if _stop_signal else 0], dtype=torch.int32, device=self.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # on CUDA: the current stream waits for NCCL's, the host does not
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((None, host, event))
+        else:
+            self.pending.append((work, flag, None))
+        if len(self.pending) > self.lag:
+            self._settle(*self.pending.pop(0))
+
+    def drain(self) -> None:
+        """Read every flag still in flight (at the end of an epoch, which syncs anyway)."""
+        while self.pending:
+            self._settle(*self.pending.pop(0))
+
+    def _settle(self, work, flag, event) -> None:
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        signum = int(flag.item())
+        if signum:
+            for work, _, event in self.pending:  # issued by every rank alike: let them finish
+                if work is not None:
+                    work.wait()
+                if event is not None:
+                    event.synchronize()
+            self.pending.clear()
+            _stop_signal.clear()
+            raise stop_exception(signum)
 
 
 # ------------------------------------------------------------------ collectives
@@ -345,7 +425,11 @@ def launch(nproc: int, args: list[str]) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "kd_mlflow", *args], start_new_session=True,
                                       env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
 
+    received: list[int] = []  # the signals the launcher itself got and passed on
+
     def forward(signum, frame):
+        if frame is not None:  # a real signal, not the launcher's own clean-up below
+            received.append(signum)
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(OSError):
@@ -354,6 +438,7 @@ def launch(nproc: int, args: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     first_failure: tuple[int, int] | None = None
     stop_at = None
+    escalated = 0
     try:
         while any(p.poll() is None for p in procs):
             for r, p in enumerate(procs):
@@ -361,9 +446,15 @@ def launch(nproc: int, args: list[str]) -> int:
                 if code not in (None, 0) and first_failure is None:
                     first_failure = (r, _shell_code(code))
                     stop_at = time.monotonic() + 30  # the others see the broken group and stop
+            if received and escalated < len(received):
+                # The ranks stop together at their next training step; one that is not
+                # in a step (waiting for the tracking server, say) gets the signal again
+                # after a minute, which stops it where it is.
+                escalated = len(received)
+                stop_at = time.monotonic() + 60
             if stop_at is not None and time.monotonic() > stop_at:
-                forward(signal.SIGTERM, None)
-                stop_at = time.monotonic() + 10
+                forward(received[-1] if received else signal.SIGTERM, None)
+                stop_at = time.monotonic() + 15
             time.sleep(0.2)
         for r, p in enumerate(procs):
             if p.returncode != 0 and first_failure is None:
@@ -376,6 +467,15 @@ def launch(nproc: int, args: list[str]) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(rendezvous_dir, ignore_errors=True)
+    if received and first_failure is not None:
+        # Stopped on request: the exit code says so (143 after SIGTERM, 130 after Ctrl-C),
+        # whatever a rank died of on the way out; that is still shown.
+        code = 128 + received[0]
+        for r, p in enumerate(procs):
+            if _shell_code(p.returncode) not in (0, code):
+                print(f"note: rank {r} ended with exit code {_shell_code(p.returncode)} while stopping",
+                      file=sys.stderr)
+        return code
     if first_failure is None:
         return 0
     rank_, code = first_failure

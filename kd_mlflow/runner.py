@@ -26,6 +26,7 @@ import torch
 from . import distributed, teacher_cache
 from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError, unwritable_reason
+from .distributed import Terminated  # noqa: F401  (cli catches it from here)
 from .data import DataBundle, DeviceBatches, class_names, load_data
 from .models import create_model
 from .modes import MODES
@@ -173,14 +174,11 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                        model_uri, student_cpu, final["test_acc_last"], correct, n, card)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the run is marked KILLED and the process exits != 0;
-    the last completed epoch's checkpoint stays for ``-P resume``."""
-
-
 @contextlib.contextmanager
 def _terminate_on_sigterm():
-    """-> a list that holds the signal number once SIGTERM has arrived."""
+    """-> a list that holds the signal number once SIGTERM has arrived. SIGTERM raises
+    Terminated; in a process group, the first SIGTERM or Ctrl-C is recorded and every
+    rank stops at the same training step (distributed.StopVote), a second one raises."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -188,13 +186,16 @@ def _terminate_on_sigterm():
 
     def handler(signum, frame):
         received.append(signum)
-        raise Terminated(f"signal {signum}")
+        if not distributed.request_stop(signum):
+            raise distributed.stop_exception(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = (signal.SIGTERM, signal.SIGINT) if distributed.world_size() > 1 else (signal.SIGTERM,)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler_ in previous.items():
+            signal.signal(sig, handler_)
 
 
 class _RankTracker(NullTracker):
@@ -303,9 +304,10 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
                                    teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state)
         except Exception as exc:
             if sigterm and distributed.world_size() > 1:
-                # torchrun sends SIGTERM to every rank; a rank that exits first breaks the
-                # collective another one waits in, so that error is really the termination.
-                raise Terminated(f"signal {sigterm[0]}") from exc
+                # A signal a rank got outside the training steps (or a second one, which
+                # raises at once): a rank that exits first breaks the collective another
+                # one waits in, so that error is really the termination.
+                raise distributed.stop_exception(sigterm[0]) from exc
             raise
         if output is not None and main:
             atomic_copy(result.checkpoint, output)

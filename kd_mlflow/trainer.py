@@ -218,6 +218,7 @@ class Trainer:
         # The module a training step calls: the distiller, or DDP around it (state dicts
         # are always taken from the distiller, so their keys never depend on world size).
         self.step_module, self._global_bns = distributed.wrap(self.distiller, device)
+        self.stop_vote = distributed.StopVote(device)  # ranks stop on a signal at the same step
         if device.type == "cuda":
             # cuDNN picks the fastest convolution per shape once (every batch has the same
             # shape here). GPU runs are reproducible to rounding, not bit for bit.
@@ -308,6 +309,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.stop_vote.step()
             if self.startup_seconds is None:
                 self.startup_seconds = process_age()
             values = torch.stack([v.detach().float() for v in losses.values()]) * len(y)
@@ -317,6 +319,7 @@ class Trainer:
                 sums += values
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+        self.stop_vote.drain()
         # The one sync of the epoch (an all-reduce over the ranks when sharded).
         totals = distributed.all_reduce_sum(torch.cat([sums, correct.view(1), sums.new_full((1,), seen)])).tolist()
         train_seconds = time.perf_counter() - start

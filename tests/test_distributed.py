@@ -264,6 +264,41 @@ def test_mlflow_run_on_two_processes_matches_one_process(mlflow_server):
 
 
 # ------------------------------------------------------------ SIGTERM and resume
+def _stop_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of a loop of all-reduces (a training step's traffic) with the trainer's
+    StopVote, under the runner's signal handler. Rank 1 sends itself a real SIGTERM at
+    step 3; saves the step at which each rank stopped and how."""
+    import signal
+
+    as_rank(rank, world, port)
+    from kd_mlflow import distributed
+    from kd_mlflow.runner import _terminate_on_sigterm
+
+    stopped = {"step": None, "kind": None}
+    with distributed.session(torch.device("cpu"), 2, world) as device, _terminate_on_sigterm():
+        vote = distributed.StopVote(device)
+        try:
+            for step in range(20):
+                stopped["step"] = step
+                if rank == 1 and step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                distributed.all_reduce_sum(torch.ones(1000))
+                vote.step()
+            vote.drain()
+        except KeyboardInterrupt as exc:
+            stopped["kind"] = type(exc).__name__
+    torch.save(stopped, Path(out_dir) / f"{world}-{rank}.pt")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Raising where a signal finds a rank (inside DDP's backward, a collective half done)
+    once left a rank to abort (exit 134) instead of ending KILLED. Now the first signal is
+    recorded, and the ranks agree at a step: rank 0, which got no signal, stops with
+    rank 1 at the step whose vote carried it (issued at step 3, read 2 steps later)."""
+    [rank0, rank1] = _spawn((2,), tmp_path, target=_stop_in_process)[2]
+    assert rank0 == rank1 == {"step": 3 + 2, "kind": "Terminated"}
+
+
 def test_sigterm_stops_a_two_process_run_as_killed_and_resume_ends_bit_identical(tmp_path):
     """The launcher of a 2-process gloo run gets a real SIGTERM after the first epoch
     checkpoint: it exits 143 with the run KILLED (not RUNNING); `--resume <run id>` on two
