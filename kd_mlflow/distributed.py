@@ -91,10 +91,14 @@ def session(device: torch.device, batch_size: int, nproc_per_node: int):
     if init:  # started by launch(): rendezvous through a file, no TCP store
         kwargs.update(init_method=init, rank=int(os.environ["RANK"]), world_size=world)
     dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=30), **kwargs)
+    global _vote_group
+    if backend_for(device) != "gloo":
+        _vote_group = dist.new_group(backend="gloo")  # StopVote's CPU numbers
     try:
         yield device
     finally:
         _stop_signal.clear()
+        _vote_group = None
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -106,6 +110,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _stop_signal: list[int] = []  # the signal this rank got and has not acted on yet
+_vote_group = None  # a gloo group for StopVote beside an NCCL default group; None: the default
 
 
 def request_stop(signum: int) -> bool:
@@ -129,30 +134,22 @@ def stop_exception(signum: int) -> KeyboardInterrupt:
 
 class StopVote:
     """Ranks agree, step by step, whether one of them was asked to stop: each step adds
-    an all-reduce of one flag, issued asynchronously and read ``lag`` steps later, so
-    the host never waits for the device to catch up (the flag is copied to pinned host
-    memory behind an event on CUDA). Every rank reads the same sum at the same step and
-    raises there. No-op in one process."""
+    an all-reduce of one number, issued asynchronously and read ``lag`` steps later.
+    The number lives on the CPU and goes through gloo (a gloo group beside NCCL's on
+    GPUs, made by :func:`session`), so reading it never waits for the device and the
+    code is the same on CPU and GPU. Every rank reads the same value at the same step
+    and raises there. No-op in one process."""
 
-    def __init__(self, device: torch.device, lag: int = 2):
+    def __init__(self, lag: int = 2):
         self.enabled = world_size() > 1
-        self.device, self.lag = device, lag
+        self.lag = lag
         self.pending: list = []
 
     def step(self) -> None:
         if not self.enabled:
             return
-        flag = torch.tensor([_stop_signal[0] if _stop_signal else 0], dtype=torch.int32, device=self.device)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        if self.device.type == "cuda":
-            work.wait()  # on CUDA: the current stream waits for NCCL's, the host does not
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((None, host, event))
-        else:
-            self.pending.append((work, flag, None))
+        flag = torch.tensor([_stop_signal[0] if _stop_signal else 0], dtype=torch.int32)
+        self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_vote_group, async_op=True), flag))
         if len(self.pending) > self.lag:
             self._settle(*self.pending.pop(0))
 
@@ -161,18 +158,12 @@ class StopVote:
         while self.pending:
             self._settle(*self.pending.pop(0))
 
-    def _settle(self, work, flag, event) -> None:
-        if work is not None:
-            work.wait()
-        if event is not None:
-            event.synchronize()
+    def _settle(self, work, flag) -> None:
+        work.wait()
         signum = int(flag.item())
         if signum:
-            for work, _, event in self.pending:  # issued by every rank alike: let them finish
-                if work is not None:
-                    work.wait()
-                if event is not None:
-                    event.synchronize()
+            for later, _ in self.pending:  # issued by every rank alike: let them finish
+                later.wait()
             self.pending.clear()
             _stop_signal.clear()
             raise stop_exception(signum)

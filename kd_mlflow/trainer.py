@@ -218,7 +218,7 @@ class Trainer:
         # The module a training step calls: the distiller, or DDP around it (state dicts
         # are always taken from the distiller, so their keys never depend on world size).
         self.step_module, self._global_bns = distributed.wrap(self.distiller, device)
-        self.stop_vote = distributed.StopVote(device)  # ranks stop on a signal at the same step
+        self.stop_vote = distributed.StopVote()  # ranks stop on a signal at the same step
         if device.type == "cuda":
             # cuDNN picks the fastest convolution per shape once (every batch has the same
             # shape here). GPU runs are reproducible to rounding, not bit for bit.

@@ -275,8 +275,10 @@ def _stop_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
     from kd_mlflow.runner import _terminate_on_sigterm
 
     stopped = {"step": None, "kind": None}
-    with distributed.session(torch.device("cpu"), 2, world) as device, _terminate_on_sigterm():
-        vote = distributed.StopVote(device)
+    with distributed.session(torch.device("cpu"), 2, world), _terminate_on_sigterm():
+        # The votes through a gloo group of their own, as beside NCCL on GPUs (session()).
+        distributed._vote_group = torch.distributed.new_group(backend="gloo")
+        vote = distributed.StopVote()
         try:
             for step in range(20):
                 stopped["step"] = step
