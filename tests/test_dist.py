@@ -63,6 +63,9 @@ def test_distiller_terms_weights_t_squared_and_backward():
     assert all(p.grad is not None for p in d.student.parameters())
 
 
-def test_defaults_are_the_papers_cifar_setting():
+def test_defaults_are_the_papers_weights_at_the_swept_temperature():
+    """beta = gamma = 2 as the paper's CIFAR setting; T 2 from the recorded Fashion-MNIST
+    sweep (docs/benchmark/: 87.02 vs 84.96% validation over 5 seeds at T 4), while kd keeps 4."""
     cfg = Config.for_mode("dist")
-    assert (cfg.temperature, cfg.dist_beta, cfg.dist_gamma, cfg.logit_standardization) == (4.0, 2.0, 2.0, False)
+    assert (cfg.temperature, cfg.dist_beta, cfg.dist_gamma, cfg.logit_standardization) == (2.0, 2.0, 2.0, False)
+    assert Config.for_mode("kd").temperature == 4.0
