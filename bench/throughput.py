@@ -85,9 +85,16 @@ def teacher_archs(mode: str) -> tuple:
     return {"teacher": (TEACHER,), "ensemble": ENSEMBLE}.get(MODES[mode].teacher_source, ())
 
 
+# Own parameters that differ from the defaults so that a row compares like with like:
+# rkd's reference loop computes the angle term, which the default (distance only) skips.
+LIKE_THE_REFERENCE = {"rkd": {"rkd_angle_weight": 50.0}}
+
+
 def mode_config(cfg: Config, mode: str) -> Config:
-    """``cfg``'s common fields with ``mode`` and that mode's own parameter defaults."""
-    return cfg.replace(mode=mode, method={p.name: p.default for p in MODES[mode].params})
+    """``cfg``'s common fields with ``mode`` and that mode's own parameter defaults
+    (but :data:`LIKE_THE_REFERENCE`)."""
+    own = {p.name: p.default for p in MODES[mode].params}
+    return cfg.replace(mode=mode, method={**own, **LIKE_THE_REFERENCE.get(mode, {})})
 
 
 # ------------------------------------------------------------------ (b) reference

@@ -24,7 +24,7 @@ TERMS = {
     "triplet": ("ce", "kd", "triplet"),
     "uda": ("ce", "kd", "kd_strong", "uda"),
     "oh": ("ce", "oh"),
-    "rkd": ("ce", "kd", "rkd_distance", "rkd_angle"),
+    "rkd": ("ce", "kd", "rkd_distance"),  # the default is distance only (rkd_angle_weight 0)
     "pkd": ("ce", "kd", "pkd"),
     "sfd": ("ce", "sfd"),
     "dkd": ("ce", "tckd", "nckd"),

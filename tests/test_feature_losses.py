@@ -415,6 +415,19 @@ def test_rkd_distiller_value():
     assert close(losses["rkd_angle"], 7.0 * ref_rkd_angle(s.embedding.detach(), tf.embedding), rel=1e-4)
 
 
+def test_rkd_default_is_distance_only_and_skips_the_angles():
+    """rkd_angle_weight 0 (the default): the paper's RKD-D, no "rkd_angle" term at all,
+    and the distance term still the hand-written reference's."""
+    d, x, y = _setup("rkd", "resnet8", "resnet14", rkd_distance_weight=3.0)
+    assert d.cfg.rkd_angle_weight == 0.0
+    logits, losses = d(x, y)
+    s = d.student.features(x)
+    with torch.no_grad():
+        tf = d.teacher.features(x)
+    assert set(losses) == {"ce", "kd", "rkd_distance"}
+    assert close(losses["rkd_distance"], 3.0 * ref_rkd_distance(s.embedding.detach(), tf.embedding), rel=1e-4)
+
+
 @pytest.mark.parametrize("teacher_name", ["resnet14", "resnet18"])  # equal widths / widths differ
 def test_pkd_distiller_value(teacher_name):
     d, x, y = _setup("pkd", "resnet8", teacher_name, alpha=0.3, beta=10.0)

@@ -11,8 +11,9 @@ from .base import Distiller
 from .kd import hinton_terms
 
 
-def relations(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (distances [N, N], cosines [N, N, N]) of the rows of ``e``, in fp32.
+def relations(e: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (distances [N, N], cosines [N, N, N], or None without ``angles``) of the rows
+    of ``e``, in fp32.
 
     distances: euclidean, divided by the mean of the positive off-diagonal ones; squared
     distances are floored at 1e-12 before the square root so coincident embeddings give
@@ -30,12 +31,14 @@ def relations(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(e)
     positive = (sq > 0) & ~torch.eye(n, dtype=torch.bool, device=e.device)
     mean = (d * positive).sum() / positive.sum().clamp_min(1)
+    if not angles:
+        return d / mean.clamp_min(1e-12), None
     unit = diff / sq.clamp_min(1e-24).sqrt().unsqueeze(-1)
     return d / mean.clamp_min(1e-12), torch.bmm(unit, unit.transpose(1, 2))
 
 
-def rkd_losses(es: torch.Tensor, et: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (distance loss, angle loss), each a smooth L1 (beta 1) between student and
+def rkd_losses(es: torch.Tensor, et: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (distance loss, angle loss or None without ``angles``), each a smooth L1 (beta 1) between student and
     teacher relations: the distance one averaged over the N(N-1) ordered pairs i != j,
     the angle one over the N(N-1)^2 triplets with i != j and k != j (where the angle at
     j is defined). RepDistiller and the authors' code average over all N^2 and N^3
@@ -50,26 +53,32 @@ def rkd_losses(es: torch.Tensor, et: torch.Tensor) -> tuple[torch.Tensor, torch.
     waits for the GPU.
     """
     with torch.no_grad():
-        dt, at = relations(et)
-    ds, a_s = relations(es)
+        dt, at = relations(et, angles)
+    ds, a_s = relations(es, angles)
     n = len(es)
     diagonal = torch.eye(n, dtype=torch.bool, device=ds.device)
     # The diagonal distances (1e-6 / mean) differ between the two sides, so it is masked.
     distance = F.smooth_l1_loss(ds, dt, reduction="none", beta=1.0).masked_fill(diagonal, 0).sum()
+    distance = distance / max(n * (n - 1), 1)
+    if not angles:
+        return distance, None
     angle = F.smooth_l1_loss(a_s, at, reduction="sum", beta=1.0)
-    return distance / max(n * (n - 1), 1), angle / max(n * (n - 1) ** 2, 1)
+    return distance, angle / max(n * (n - 1) ** 2, 1)
 
 
 class RelationalKD(Distiller):
     """{"ce": (1-a) CE, "kd": a KD, "rkd_distance": w_d * L_d, "rkd_angle": w_a * L_a}
-    on the pooled penultimate embeddings."""
+    on the pooled penultimate embeddings. With w_a = 0 (the default: the paper's
+    distance-only RKD-D, chosen by the recorded sweep) the [N, N, N] angles are not
+    computed and there is no "rkd_angle" term."""
 
     def forward(self, x, y):
         t_logits, t_embedding = self.teacher_outputs(x, embedding=True)
         s = self.student.features(x)
-        distance, angle = rkd_losses(s.embedding, t_embedding)
-        return s.logits, {
-            **hinton_terms(s.logits, t_logits, y, self.cfg),
-            "rkd_distance": self.cfg.rkd_distance_weight * distance,
-            "rkd_angle": self.cfg.rkd_angle_weight * angle,
-        }
+        with_angles = self.cfg.rkd_angle_weight > 0
+        distance, angle = rkd_losses(s.embedding, t_embedding, angles=with_angles)
+        terms = {**hinton_terms(s.logits, t_logits, y, self.cfg),
+                 "rkd_distance": self.cfg.rkd_distance_weight * distance}
+        if with_angles:
+            terms["rkd_angle"] = self.cfg.rkd_angle_weight * angle
+        return s.logits, terms
