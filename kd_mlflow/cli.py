@@ -100,7 +100,8 @@ def run_config(cfg: Config) -> None:
 
     if cfg.nproc_per_node > 1 and not launched_by_torchrun():
         sys.exit(launch(cfg.nproc_per_node, _cli_args(cfg)))
-    from .runner import Terminated, run
+    from .distributed import Terminated
+    from .runner import run
     from .trainer import NonFiniteLoss
 
     try:
@@ -296,7 +297,7 @@ def benchmark_command(modes: str, seeds: int, register: int, jobs: int, **values
     except ConfigError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
-        from .runner import Terminated
+        from .distributed import Terminated
 
         click.echo(f"stopped by {'SIGTERM' if isinstance(exc, Terminated) else 'interrupt'}: the benchmark's run "
                    f"and the cells in training are marked KILLED; the same command resumes it (finished cells "

@@ -26,7 +26,6 @@ import torch
 from . import distributed, teacher_cache
 from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError, unwritable_reason
-from .distributed import Terminated  # noqa: F401  (cli catches it from here)
 from .data import DataBundle, DeviceBatches, class_names, load_data
 from .models import create_model
 from .modes import MODES

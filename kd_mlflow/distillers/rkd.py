@@ -31,17 +31,19 @@ def relations(e: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch
     n = len(e)
     positive = (sq > 0) & ~torch.eye(n, dtype=torch.bool, device=e.device)
     mean = (d * positive).sum() / positive.sum().clamp_min(1)
+    distances = d / mean.clamp_min(1e-12)
     if not angles:
-        return d / mean.clamp_min(1e-12), None
+        return distances, None
     unit = diff / sq.clamp_min(1e-24).sqrt().unsqueeze(-1)
-    return d / mean.clamp_min(1e-12), torch.bmm(unit, unit.transpose(1, 2))
+    return distances, torch.bmm(unit, unit.transpose(1, 2))
 
 
-def rkd_losses(es: torch.Tensor, et: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (distance loss, angle loss or None without ``angles``), each a smooth L1 (beta 1) between student and
-    teacher relations: the distance one averaged over the N(N-1) ordered pairs i != j,
-    the angle one over the N(N-1)^2 triplets with i != j and k != j (where the angle at
-    j is defined). RepDistiller and the authors' code average over all N^2 and N^3
+def rkd_losses(es: torch.Tensor, et: torch.Tensor,
+               angles: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (distance loss, angle loss or None without ``angles``), each a smooth L1 (beta 1)
+    between student and teacher relations: the distance one averaged over the N(N-1)
+    ordered pairs i != j, the angle one over the N(N-1)^2 triplets with i != j and k != j
+    (where the angle at j is defined). RepDistiller and the authors' code average over all N^2 and N^3
     entries instead, i.e. (N-1)/N and ((N-1)/N)^2 times these values.
 
     Both are sums over all entries divided by those counts, not means over boolean-mask
