@@ -99,10 +99,32 @@ def _cpu_has_native_bf16() -> bool:
     forced = os.environ.get("KD_CPU_NATIVE_BF16", "")
     if forced in ("0", "1"):
         return forced == "1"
+    # The instructions themselves, not oneDNN's "bf16 supported": oneDNN says yes on any
+    # AVX-512 core (e.g. Intel Ice Lake) and emulates bf16 there, which trained kd at
+    # 375-400 img/s against 580 in fp32 (bench/throughput.py, 2-core Xeon, model 106).
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except Exception:
         return False
+
+
+def cpu_kind() -> str:
+    """What a CPU run's numbers depend on beyond the code: the kernels torch picks
+    (ATen's capability) and whether bf16 is native, e.g. 'AVX512 bf16=native amx'."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = "unknown"
+    flags = [f"bf16={'native' if _cpu_has_native_bf16() else 'emulated'}"]
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            flags.append("amx")
+    except Exception:
+        pass
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if onednn:
+        flags.append(f"onednn<={onednn}")
+    return " ".join([capability, *flags])
 
 
 def autocast(device: torch.device, dtype):
