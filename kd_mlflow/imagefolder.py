@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .pyfunc_images import CENTER_CROP_FRACTION, center_crop  # noqa: F401 (the serving transform, shared)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
-CENTER_CROP_FRACTION = 0.875  # torchvision's evaluation recipe: resize to 256, crop 224
 MEMORY_FRACTION = 0.25  # of physical RAM: the most the decoded images may take
 
 
@@ -124,15 +124,7 @@ def decode(path: Path, size: int) -> np.ndarray:
 
     with Image.open(path) as img:
         img.load()  # the whole file: a truncated one fails here, not later
-        img = rgb(img)
-        w, h = img.size
-        short = max(size, round(size / CENTER_CROP_FRACTION))
-        scale = short / min(w, h)
-        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+        return center_crop(rgb(img), size)
 
 
 def memory_limit(device: str) -> tuple[int, str]:

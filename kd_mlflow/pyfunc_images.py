@@ -21,6 +21,7 @@ BATCH = 256  # images per forward pass: bounded memory whatever the request size
 # [0, 1] (or normalised) become after MLflow's JSON parsing casts them to the uint8 of the
 # signature (0.7 -> 0). Refused, instead of a confident answer about a black image.
 SCALED_MAX = 2
+CENTER_CROP_FRACTION = 0.875  # torchvision's evaluation recipe: resize to 256, crop 224
 
 
 def _bad_input(message: str):
@@ -49,8 +50,10 @@ class ImageClassifier:
         self.resize = card.get("resize")  # image folders: {"short_side", "crop"}
         self.network = mlflow.pytorch.load_model(str(model_dir))
 
-    def predict(self, model_input, params=None):
-        import pandas as pd
+    def pixels(self, model_input):
+        """The uint8 N x C x H x W the network sees (before normalisation): the request's
+        images in the model's layout, an image folder's resized and cropped exactly as
+        its test images were for test_acc."""
         import torch
 
         images = np.asarray(model_input)
@@ -62,12 +65,25 @@ class ImageClassifier:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise _bad_input(f"expected uint8 images N x H x W (one channel) or N x {self.channels} x H x W, "
                              f"got shape {tuple(images.shape)}")
-        if self.resize and len(x) and tuple(x.shape[-2:]) != (self.resize["crop"],) * 2:
-            x = _resize_center_crop(x, self.resize["short_side"], self.resize["crop"])
+        if self.resize and len(x):
+            # every image, whatever its size: one already crop x crop was still resized to
+            # crop / 0.875 and centre-cropped when the run measured test_acc
+            from PIL import Image
+
+            crop = int(self.resize["crop"])
+            x = torch.from_numpy(np.stack([center_crop(Image.fromarray(img.permute(1, 2, 0).numpy()), crop)
+                                           for img in x]))
         if len(x) and (dark := (x.flatten(1).amax(dim=1) <= SCALED_MAX).nonzero().flatten()).numel():
             raise _bad_input(f"image {int(dark[0])} (and {dark.numel() - 1} more) has no pixel above "
                              f"{SCALED_MAX}: send raw pixel values 0-255, not images scaled to [0, 1] or "
                              f"normalised (the model normalises them itself)")
+        return x
+
+    def predict(self, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        x = self.pixels(model_input)
         probabilities = []
         with torch.no_grad():
             for start in range(0, len(x), BATCH):
@@ -80,15 +96,18 @@ class ImageClassifier:
                              "probability": best.numpy().astype(np.float64)})
 
 
-def _resize_center_crop(x, short_side: int, crop: int):
-    """uint8 N x C x H x W -> N x C x crop x crop: shorter side to ``short_side`` (bilinear,
-    antialiased), centre crop; how an image folder's test images were prepared."""
-    import torch
-    import torch.nn.functional as F
+def center_crop(img, size: int) -> np.ndarray:
+    """A PIL RGB image -> uint8 3 x size x size: the shorter side resized (bilinear) to
+    size / CENTER_CROP_FRACTION, then the centre crop. The one transform of an image
+    folder's evaluation images (imagefolder.decode) and of every image a served model
+    gets, so that a served answer is the one test_acc counted."""
+    from PIL import Image
 
-    h, w = x.shape[-2:]
-    scale = short_side / min(h, w)
-    nh, nw = max(short_side, round(h * scale)), max(short_side, round(w * scale))
-    y = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - crop) // 2, (nw - crop) // 2
-    return y[..., top:top + crop, left:left + crop].round().clamp(0, 255).to(torch.uint8)
+    w, h = img.size
+    short = max(size, round(size / CENTER_CROP_FRACTION))
+    scale = short / min(w, h)
+    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()

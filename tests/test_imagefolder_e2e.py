@@ -77,6 +77,46 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
             raw = np.asarray(img.convert("RGB")).transpose(2, 0, 1)[None].copy()
         assert raw.shape[-2:] != (32, 32)
         assert model.predict(raw)["label"][0] in CLASSES
+    # served = logged, as counts of correct images, for files at the model's image_size (32),
+    # larger (48) and smaller (20): the run's evaluation decodes each file (imagefolder.decode:
+    # resize to 37, centre crop 32), the served model gets the file's pixels as they are
+    import mlflow.pytorch
+
+    from pathlib import Path
+
+    import mlflow.artifacts
+
+    from kd_mlflow.imagefolder import decode
+    from kd_mlflow.pyfunc_images import ImageClassifier
+
+    network = mlflow.pytorch.load_model(f"models:/fruit-kd/{version.version}")  # exported: in inference mode
+    served_model = ImageClassifier(Path(mlflow.artifacts.download_artifacts(f"models:/fruit-kd/{version.version}")))
+    mean = torch.tensor(card["normalization"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card["normalization"]["std"]).view(1, 3, 1, 1)
+    originals = [(path, CLASSES.index(path.parent.name)) for path in sorted((folder / "test").glob("*/*"))
+                 if path.name != "broken.jpg"]
+    for size in (32, 48, 20):
+        files, labels = [], []
+        for i, (path, label) in enumerate(originals):
+            with Image.open(path) as img:
+                resized = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            files.append(tmp_path / f"{size}-{i}.png")
+            resized.save(files[-1])
+            labels.append(label)
+        with torch.no_grad():
+            logged = torch.from_numpy(np.stack([decode(f, 32) for f in files]))
+            logged_p, logged_pred = torch.softmax(network((logged.float() / 255 - mean) / std), dim=1).max(dim=1)
+            logged_pred = logged_pred.tolist()
+        raw = np.stack([np.asarray(Image.open(f)).transpose(2, 0, 1) for f in files])
+        # the pixels the served network sees are the ones evaluation decoded, exactly
+        assert torch.equal(served_model.pixels(raw), logged), size
+        answer = model.predict(raw)
+        served = answer["class_index"].tolist()
+        # the same pixels in, so the same probabilities out (not only the same arg max)
+        assert np.allclose(answer["probability"].to_numpy(), logged_p.double().numpy(), rtol=1e-5, atol=0), size
+        correct = lambda pred: sum(int(p == y) for p, y in zip(pred, labels))  # noqa: E731
+        assert correct(served) == correct(logged_pred), size
+        assert served == logged_pred, size
 
 
 @pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])

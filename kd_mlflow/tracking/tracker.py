@@ -59,14 +59,16 @@ class NullTracker:
 
 
 def pip_requirements() -> list[str]:
+    import PIL
     import mlflow
     import numpy
     import pandas
     import torch
 
-    # pandas: the image pyfunc answers with a DataFrame (pyfunc_images.py)
+    # pandas: the image pyfunc answers with a DataFrame; pillow: it resizes an image folder
+    # model's images as evaluation did (pyfunc_images.py)
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}"]
+            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}", f"pillow=={PIL.__version__}"]
 
 
 def _warm_model_logging() -> None:
