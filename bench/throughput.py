@@ -1,6 +1,6 @@
 """Throughput and overhead benchmark: the package's trainer against a plain reference loop.
 
-    python bench/throughput.py                 # CPU, Fashion-MNIST, every mode (tens of minutes)
+    python bench/throughput.py                 # CPU, Fashion-MNIST, every mode, fp32 and bf16 (tens of minutes)
     python bench/throughput.py --modes rkd,oh  # CPU, only these modes' rows
     python bench/throughput.py --quick         # tiny smoke run (what the test suite runs)
     python bench/throughput.py --device cuda --cifar-shaped   # GPU: 3x32x32 inputs, batch sweep
@@ -528,8 +528,12 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             dataset = _torchvision_fashion_mnist(Path(tmp), args.data_dir)
             for mode in modes:
-                row = {"package": package_epochs(mode, data, cfg.replace(compile=args.compile), device, amp,
-                                                 NullTracker())}
+                # Both precisions, so that what `auto` picks (result["precision"]) can be
+                # re-checked on any machine: its row must be the faster one.
+                row = {f"package_{name}": package_epochs(mode, data, cfg.replace(compile=args.compile), device,
+                                                         dtype, NullTracker())
+                       for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
+                row["package"] = row[f"package_{result['precision']}"]
                 if mode in REFERENCE_MODES:
                     ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device)
                     row.update(reference_images_per_second=ref, ratio=row["package"]["images_per_second"] / ref)
@@ -557,14 +561,24 @@ def _cpu_name() -> str:
 def _print_table(r: dict) -> None:
     print(f"\ndevice {r['device']} ({r.get('gpu', r['cpu'])}), precision {r['precision']}, torch {r['torch']}, "
           f"{r['threads']} threads, {r['images_per_epoch']} images/epoch, batch {r['batch_size']}")
+    both = any("package_fp32" in m for m in r["modes"].values())
     if r["modes"]:
-        print(f"{'mode':<44}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
+        head = f"{'fp32 img/s':>12}{'bf16 img/s':>12}{'auto/other':>12}" if both else ""
+        print(f"{'mode':<44}{head}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
+        if both:
+            print(f"(package img/s: precision=auto, which picks {r['precision']} here; auto/other: its img/s "
+                  f"over the other precision's)")
     for mode, m in r["modes"].items():
         ref = m.get("reference_images_per_second")
         ref_text = f"{ref:.0f}" if ref else "-"
         ratio_text = f"{m['ratio']:.2f}x" if ref else "-"
         label = mode if " " in mode else f"{mode} ({m['package']['pair']})"  # GPU rows name their pair
-        print(f"{label:<44}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
+        cols = ""
+        if "package_fp32" in m:
+            fp32, bf16 = m["package_fp32"]["images_per_second"], m["package_bf16"]["images_per_second"]
+            other = bf16 if r["precision"] == "fp32" else fp32
+            cols = f"{fp32:>12.0f}{bf16:>12.0f}{m['package']['images_per_second'] / other:>11.2f}x"
+        print(f"{label:<44}{cols}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
     if "mlflow" in r:
         ml = r["mlflow"]
         print(f"MLflow tracker calls: {ml['tracker_seconds_per_epoch'] * 1000:.1f} ms/epoch = "
