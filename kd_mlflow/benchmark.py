@@ -27,7 +27,7 @@ from .modes import DISTILLATION_MODES, EXECUTION, MODES
 # that have them; a benchmark of the committed teachers needs no teacher training.
 BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ensemble", "teachers", "temperatures",
                     "alphas", "labeled_fraction", "epochs", "batch_size", "lr", "train_subset", "val_size",
-                    "test_subset", "device", "precision", "teacher_cache", "data_dir", "experiment")
+                    "test_subset", "device", "precision", "threads", "teacher_cache", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
 RESUME_IGNORES = set(EXECUTION)
@@ -129,8 +129,16 @@ def settings_match(run, cfg: Config) -> bool:
 
 
 def finished_run_for(runs: list, cfg: Config):
+    """The newest FINISHED run of ``cfg``'s cell made by this code version, or None. A run
+    of other code (or from before runs recorded theirs) is not reused: a cell's numbers
+    are a function of its parameters, its seed and the code, and one table must not mix
+    code versions."""
+    from .tracking import code_version
+
+    version = code_version()
     for r in reversed(runs):  # the newest first
         if (r.info.status == "FINISHED" and r.data.tags.get("mode") == cfg.mode
+                and r.data.tags.get("code_version") == version
                 and "test_acc" in r.data.metrics and settings_match(r, cfg)):
             return r
     return None
@@ -252,28 +260,17 @@ def _cell_factory(parent, cfg: Config, register: bool):
 
 
 # ------------------------------------------------------------------ --jobs N
-def worker_threads(jobs: int) -> int:
-    """torch threads per worker: the process's cores shared out, at least one each."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // jobs)
-
-
-def _worker(tasks, results, parent_run_id: str, register: bool, threads: int, cache: bool) -> None:
+def _worker(tasks, results, parent_run_id: str, register: bool, cache: bool) -> None:
     """One of ``--jobs`` processes: trains the cells it takes from ``tasks`` as runs
     nested under the benchmark's run, until it takes None. Each cell is an ordinary
     runner.run (its run ends FINISHED, FAILED, or KILLED on SIGTERM/Ctrl-C)."""
     import os
-
-    import torch
 
     from .tracking.tracker import MlflowTracker
 
     # Under `mlflow run` the launcher's run id is in the environment; a cell must open its
     # own nested run, never adopt the benchmark's.
     os.environ.pop("MLFLOW_RUN_ID", None)
-    torch.set_num_threads(threads)
     parent = MlflowTracker(parent_run_id)
     try:
         with teacher_cache.session(cache) as counts:
@@ -295,8 +292,10 @@ def _worker(tasks, results, parent_run_id: str, register: bool, threads: int, ca
 def _train_in_workers(pending, total: int, parent_run_id: str, register: bool, jobs: int, cache: bool,
                       finished, echo):
     """Train ``pending`` [(index, Config)] in ``jobs`` spawned worker processes that share
-    the device (one GPU: small students leave most of it idle), each with
-    ``worker_threads(jobs)`` CPU threads. Cells are handed out in order (seed-major), as
+    the device (one GPU: small students leave most of it idle). Each cell runs with its
+    own ``threads`` parameter, never a share worked out from ``jobs``: a CPU cell's numbers
+    depend on its thread count, and must not depend on how many cells ran beside it (give
+    cells one thread each with ``--threads 1`` when they should not share cores). Cells are handed out in order (seed-major), as
     workers free up. A worker that dies (out of memory, a segfault) fails the cell it
     was training, with one line; the other workers take the queued cells. Ctrl-C or
     SIGTERM sends SIGTERM to the workers, so their cells' runs end KILLED, and then stops."""
@@ -309,9 +308,8 @@ def _train_in_workers(pending, total: int, parent_run_id: str, register: bool, j
         tasks.put(item)
     for _ in range(jobs):
         tasks.put(None)
-    threads = worker_threads(jobs)
-    echo(f"{len(pending)} cells in {jobs} worker processes, {threads} CPU thread(s) each")
-    workers = [ctx.Process(target=_worker, args=(tasks, results, parent_run_id, register, threads, cache),
+    echo(f"{len(pending)} cells in {jobs} worker processes")
+    workers = [ctx.Process(target=_worker, args=(tasks, results, parent_run_id, register, cache),
                            name=f"benchmark-worker-{k}", daemon=True) for k in range(jobs)]
     for w in workers:
         w.start()
@@ -382,7 +380,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     BENCHMARK_FIELDS."""
     import mlflow
 
-    from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
+    from .compare import compare_experiment, counted_runs, log_comparison, provenance_notes, search_all_runs
     from .registry import update_champion
     from .tracking import start_run
 
@@ -424,6 +422,8 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
             result.comparison, result.compare_run_id = comparison, tracker.run_id
         parent.set_tags({"compare_run_id": result.compare_run_id})
     echo(comparison.markdown)
+    for note in provenance_notes(comparison.runs):
+        echo(f"note: {note}")
     echo(f"benchmark run {result.run_id} in experiment {experiment!r}: {len(result.trained)} trained, "
          f"{len(result.skipped)} skipped (already finished), {len(result.failed)} failed; "
          f"comparison in run {result.compare_run_id}")

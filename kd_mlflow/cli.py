@@ -279,8 +279,8 @@ def _benchmark_options(fn):
                       help=f"Comma-separated modes, or all ({', '.join(DISTILLATION_MODES)}).")(fn)
     fn = click.option("--jobs", type=int, default=1, show_default=True,
                       help="Train this many (mode, seed) cells at once, each in its own process on the same "
-                           "device (a big GPU: small students leave it mostly idle); the CPU cores are shared "
-                           "out between them.")(fn)
+                           "device (a big GPU: small students leave it mostly idle). Each cell keeps its --threads "
+                           "(0 = all cores): on a CPU, --threads 1 --jobs N shares N cores out.")(fn)
     return fn
 
 

@@ -3,8 +3,10 @@
 ``compare_experiment(name)`` reads every run of an experiment through the MLflow API
 and reduces it to one row per (dataset, student, mode, teacher): how many runs (seeds),
 mean and standard deviation of ``test_acc``, best validation accuracy, mean wall time,
-and the gain over ``nokd`` (same dataset and student) with a 95% Welch confidence
-interval where both groups have at least two seeds. ``log_comparison`` stores the
+and the gain over ``nokd`` (same dataset and student) with a 95% confidence interval:
+paired on the seeds both share (seed k fixes the split and the batch order for every
+mode) where there are at least two, and Welch's where both groups have at least two
+seeds; both are reported, and Holm adjusts each test's p-values across the modes. ``log_comparison`` stores the
 result as a run of its own (tag ``mode=compare``, which later comparisons skip).
 
 Which runs count:
@@ -49,54 +51,17 @@ SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "te
                    "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "teacher_test_acc",
                    "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p", "gain_p_holm",
                    "test_acc_last_mean", "test_acc_last_std", "gain_last_vs_nokd", "gain_last_ci_low",
-                   "gain_last_ci_high"]
+                   "gain_last_ci_high", "paired_seeds", "paired_gain", "paired_ci_low", "paired_ci_high",
+                   "paired_p", "paired_p_holm", "gain_test"]
 EXCLUDED_COLUMNS = ["run_id", "run_name", "mode", "teacher", "seed", "status", "reason"]
 
 
 # ------------------------------------------------------------------- statistics
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_cdf(t: float, df: float) -> float:
-    """Student-t CDF for real df > 0, from the incomplete beta function."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    """Student-t CDF for real df > 0 (``scipy.stats.t.cdf``)."""
+    from scipy import stats
+
+    return float(stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -131,6 +96,23 @@ def welch_interval(a, b, confidence: float = CONFIDENCE) -> Interval | None:
     half = t_quantile(1.0 - (1.0 - confidence) / 2.0, df) * math.sqrt(se2)
     p = 2.0 * t_cdf(-abs(diff) / math.sqrt(se2), df)
     return Interval(diff, diff - half, diff + half, df, min(1.0, p))
+
+
+def paired_interval(a: dict, b: dict, confidence: float = CONFIDENCE) -> Interval | None:
+    """CI of the mean of a[seed] - b[seed] over the seeds both have (a paired t interval,
+    df = n - 1): the design when seed k of every mode trains on the same split in the same
+    batch order. None unless at least 2 seeds match."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [float(a[s]) - float(b[s]) for s in seeds]
+    n, mean = len(d), statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(n)
+    if se == 0.0:
+        return Interval(mean, mean, mean, n - 1, 1.0 if mean == 0 else 0.0)
+    half = t_quantile(1.0 - (1.0 - confidence) / 2.0, n - 1) * se
+    p = 2.0 * t_cdf(-abs(mean) / se, n - 1)
+    return Interval(mean, mean - half, mean + half, n - 1, min(1.0, p))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -322,6 +304,11 @@ def _metric(run, name):
     return float(value) if value is not None else math.nan
 
 
+# Tags that say what a run's numbers depend on beyond params and seed (runner.provenance);
+# empty for runs logged before runs recorded them.
+PROVENANCE = ("code_version", "git_commit", "torch_version", "cpu_kind", "precision", "threads")
+
+
 def runs_frame(runs: list) -> pd.DataFrame:
     rows = []
     for r in runs:
@@ -337,10 +324,11 @@ def runs_frame(runs: list) -> pd.DataFrame:
                      "test_acc": _metric(r, "test_acc"), "test_acc_last": _metric(r, "test_acc_last"),
                      "best_val_acc": _metric(r, "best_val_acc"),
                      "teacher_test_acc": _metric(r, "teacher_test_acc"), "wall_seconds": wall,
-                     "parent_run_id": tags.get("mlflow.parentRunId", ""), "history_run_id": history_run})
+                     "parent_run_id": tags.get("mlflow.parentRunId", ""), "history_run_id": history_run,
+                     **{k: tags.get(k, "") for k in PROVENANCE}})
     return pd.DataFrame(rows, columns=["run_id", "run_name", "dataset", "student", "mode", "teacher", "seed",
                                        "test_acc", "test_acc_last", "best_val_acc", "teacher_test_acc",
-                                       "wall_seconds", "parent_run_id", "history_run_id"])
+                                       "wall_seconds", "parent_run_id", "history_run_id", *PROVENANCE])
 
 
 def _mode_order(mode: str) -> int:
@@ -364,11 +352,13 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
                      "best_val_acc_mean": g["best_val_acc"].mean(), "best_val_acc_max": g["best_val_acc"].max(),
                      "wall_seconds_mean": g["wall_seconds"].mean(),
                      "teacher_test_acc": teacher_acc.mean() if len(teacher_acc) else math.nan,
-                     "_acc": acc, "_last": last})
+                     "_acc": acc, "_last": last,
+                     "_by_seed": {int(s): a for s, a in zip(g["seed"], g["test_acc"]) if not pd.isna(s)}})
     for row in rows:
         row.update({k: math.nan for k in ("gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p",
                                           "gain_p_holm", "gain_last_vs_nokd", "gain_last_ci_low",
-                                          "gain_last_ci_high")})
+                                          "gain_last_ci_high", "paired_gain", "paired_ci_low", "paired_ci_high",
+                                          "paired_p", "paired_p_holm")}, paired_seeds="", gain_test="")
         if row["mode"] == BASELINE:
             continue
         base = [b for b in rows if b["mode"] == BASELINE and b["dataset"] == row["dataset"]
@@ -378,7 +368,14 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
         row["gain_vs_nokd"] = row["test_acc_mean"] - base[0]["test_acc_mean"]
         ci = welch_interval(row["_acc"], base[0]["_acc"], confidence)
         if ci is not None:
-            row.update(gain_ci_low=ci.low, gain_ci_high=ci.high, gain_df=ci.df, gain_p=ci.p)
+            row.update(gain_ci_low=ci.low, gain_ci_high=ci.high, gain_df=ci.df, gain_p=ci.p, gain_test="welch")
+        # The runs compared share their common settings (select_runs), so seed k of every
+        # mode saw the same split and batch order: on the seeds both have, the paired test.
+        paired = paired_interval(row["_by_seed"], base[0]["_by_seed"], confidence)
+        if paired is not None:
+            row.update(paired_seeds=",".join(str(k) for k in sorted(set(row["_by_seed"]) & set(base[0]["_by_seed"]))),
+                       paired_gain=paired.diff, paired_ci_low=paired.low, paired_ci_high=paired.high,
+                       paired_p=paired.p, gain_test="paired")
         if row["_last"] and base[0]["_last"]:
             row["gain_last_vs_nokd"] = row["test_acc_last_mean"] - base[0]["test_acc_last_mean"]
             ci = welch_interval(row["_last"], base[0]["_last"], confidence)
@@ -388,11 +385,11 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
     # across them (per dataset and student).
     for group in {(r["dataset"], r["student"]) for r in rows}:
         members = [r for r in rows if (r["dataset"], r["student"]) == group]
-        for r, p in zip(members, holm([r["gain_p"] for r in members])):
-            r["gain_p_holm"] = p
+        for r, p, q in zip(members, holm([r["gain_p"] for r in members]), holm([r["paired_p"] for r in members])):
+            r["gain_p_holm"], r["paired_p_holm"] = p, q
     rows.sort(key=lambda r: (r["dataset"], r["student"], _mode_order(r["mode"]), r["teacher"]))
     for row in rows:
-        del row["_acc"], row["_last"]
+        del row["_acc"], row["_last"], row["_by_seed"]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -449,9 +446,13 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as people read it: mean ± std, the gain with its interval."""
     rows = []
     for r in summary.itertuples():
-        gain = _fmt(r.gain_vs_nokd, "+.2f")
-        if gain and not math.isnan(r.gain_ci_low):
-            gain += f" [{r.gain_ci_low:+.2f}, {r.gain_ci_high:+.2f}]"
+        # the test that matches the design: paired on matched seeds where there are >= 2
+        paired = r.gain_test == "paired"
+        estimate, low, high, p_holm = ((r.paired_gain, r.paired_ci_low, r.paired_ci_high, r.paired_p_holm) if paired
+                                       else (r.gain_vs_nokd, r.gain_ci_low, r.gain_ci_high, r.gain_p_holm))
+        gain = _fmt(estimate, "+.2f")
+        if gain and not math.isnan(low):
+            gain += f" [{low:+.2f}, {high:+.2f}]"
         rows.append({"dataset": r.dataset, "student": r.student, "mode": r.mode, "teacher": r.teacher,
                      "seeds": r.runs,
                      "test_acc (%)": _fmt(r.test_acc_mean) + (f" ± {r.test_acc_std:.2f}" if not math.isnan(r.test_acc_std) else ""),
@@ -460,7 +461,9 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                      "best val_acc (%)": _fmt(r.best_val_acc_max),
                      "wall time (s)": _fmt(r.wall_seconds_mean, ".1f"),
                      f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain,
-                     "p (Holm)": _fmt(r.gain_p_holm, ".3g")})
+                     "test": f"paired ({r.paired_seeds})" if paired else r.gain_test,
+                     "p (Holm)": _fmt(p_holm, ".3g"),
+                     "Welch p (Holm)": _fmt(r.gain_p_holm, ".3g")})
     return pd.DataFrame(rows)
 
 
@@ -472,12 +475,15 @@ def comparison_markdown(c: Comparison) -> str:
     if len(c.summary):
         lines += [markdown_table(display_table(c.summary)), "",
                   f"test_acc: mean ± sample standard deviation over seeds; best val_acc: the best over seeds; "
-                  f"gain: difference of mean test_acc to nokd (same dataset and student), "
-                  f"{int(CONFIDENCE * 100)}% Welch t interval where both have >= 2 seeds. "
+                  f"gain: test_acc minus nokd's (same dataset and student) with its {int(CONFIDENCE * 100)}% "
+                  f"t interval. Seed k trains every mode on the same split in the same batch order, so where "
+                  f"a mode and nokd share >= 2 seeds the test is paired on those seeds (the gain is then the "
+                  f"mean of the per-seed differences); otherwise Welch's, with >= 2 seeds each. "
                   f"test_acc is the best-validation student, test_acc_last the last epoch's (both the exported "
-                  f"fp32 model). p (Holm): Welch t-test of gain = 0, Holm-adjusted over all modes compared "
-                  f"with the same nokd; an interval is per mode and not adjusted, so with many modes trust "
-                  f"p (Holm) < 0.05 rather than an interval that just excludes 0."]
+                  f"fp32 model). p (Holm): that test of gain = 0, Holm-adjusted over all modes compared "
+                  f"with the same nokd; Welch p (Holm): Welch's test for every mode, for reference (summary.csv "
+                  f"has both tests' intervals). An interval is per mode and not adjusted, so with many modes "
+                  f"trust p (Holm) < 0.05 rather than an interval that just excludes 0."]
     else:
         lines.append("No comparable runs.")
     lines.append("")
@@ -545,6 +551,23 @@ def log_comparison(c: Comparison, tracker) -> None:
     tracker.set_tags({"compared_experiment": c.experiment, "compared_experiment_id": c.experiment_id})
 
 
+def provenance_notes(runs: pd.DataFrame) -> list[str]:
+    """One line per provenance tag whose compared runs disagree (a table that mixes code
+    versions, CPU kinds, precisions or thread counts), and one for runs that record none."""
+    notes = []
+    if not len(runs):
+        return notes
+    for name in PROVENANCE:
+        values = sorted({v for v in runs[name] if v})
+        if len(values) > 1:
+            counts = runs[name].value_counts()
+            notes.append(f"the runs differ in {name}: " + ", ".join(f"{v} ({counts[v]} runs)" for v in values))
+    unrecorded = int((runs["code_version"] == "").sum())
+    if unrecorded:
+        notes.append(f"{unrecorded} run(s) record no code_version (logged before runs recorded it)")
+    return notes
+
+
 def run_compare(experiment: str = "", *, echo=print, output_dir: str = "") -> Comparison:
     """``kd-mlflow compare``: compare ``experiment`` and log the result as a run of its
     own (tag mode=compare), and into ``output_dir`` when given. Under ``mlflow run`` the
@@ -575,5 +598,7 @@ def run_compare(experiment: str = "", *, echo=print, output_dir: str = "") -> Co
         if output_dir:
             write_comparison(comparison, Path(output_dir), figures=True)
         echo(comparison.markdown)
+        for note in provenance_notes(comparison.runs):
+            echo(f"note: {note}")
         echo(f"compare run {tracker.run_id} (compared experiment {comparison.experiment!r})")
     return comparison

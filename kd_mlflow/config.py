@@ -95,6 +95,9 @@ class Config:
                                    "trainings of one process that see the same batches (kdparam's grid, allkd, "
                                    "a benchmark's modes of one seed); bit-identical results. false = the teacher "
                                    "runs in every training.")
+    threads: int = _f(0, "CPU threads of this run's math (torch intra-op threads); 0 = this machine's physical "
+                         "cores (shared out among nproc_per_node processes). A CPU run's numbers depend on it "
+                         "(reductions are split across threads), so no other setting or path changes it.")
     nproc_per_node: int = _f(1, "Data-parallel processes on this machine (one per GPU; torchrun is started for "
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")
@@ -235,6 +238,7 @@ class Config:
         need(self.train_subset >= 0, f"train_subset must be >= 0 (0 = all), got {self.train_subset}")
         need(self.val_size >= 1, f"val_size must be >= 1, got {self.val_size}")
         need(self.test_subset >= 0, f"test_subset must be >= 0 (0 = all), got {self.test_subset}")
+        need(self.threads >= 0, f"threads must be >= 0 (0 = this machine's physical cores), got {self.threads}")
         for name in ("optimizer", "scheduler", "precision"):
             choices = self.parameter(name).choices
             need(getattr(self, name) in choices,

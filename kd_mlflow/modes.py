@@ -57,7 +57,7 @@ def within(low, high, open_low: bool = False):
 IMAGES = ("image_size", "mean", "std", "corrupt_images", "data_loading")  # what imagefolder's images become (config.py)
 DATA = ("dataset", "data_dir", *IMAGES, "train_subset", "val_size", "test_subset")
 OPTIM = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler")
-RUNTIME = ("seed", "device", "precision", "compile", "system_metrics", "teacher_cache", "nproc_per_node",
+RUNTIME = ("seed", "device", "precision", "threads", "compile", "system_metrics", "teacher_cache", "nproc_per_node",
            "experiment", "registered_model")
 # Where and how a run ran, not what it computed (a benchmark's resume and a comparison
 # never tell runs apart by these).

@@ -34,8 +34,8 @@ from .pretrained import is_inside_pretrained
 from .serving import model_card
 from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
 from .tracking import NullTracker
-from .trainer import (Trainer, count_correct, evaluate, exported_test_batches, resolve_device, resolve_precision,
-                      seed_everything)
+from .trainer import (Trainer, count_correct, cpu_kind, evaluate, exported_test_batches, intra_op_threads,
+                      resolve_device, resolve_precision, resolve_threads, seed_everything)
 
 RUNS_DIR = Path("runs")
 
@@ -103,7 +103,7 @@ def _same_weights(state: dict, other: dict) -> bool:
 
 def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, tracker, rt: Runtime,
                   *, teacher_meta: dict | None = None, desc: str = "", register: bool = True,
-                  resume_state: dict | None = None) -> TrainResult:
+                  resume_state: dict | None = None, teacher_name: str | None = None) -> TrainResult:
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
     seed_everything(cfg.seed)
@@ -151,11 +151,13 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
         tracker.log_metrics(final, step=fit.best_epoch)
         from .plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
 
+        # the teachers this training really had (the run's teacher tag when the runner
+        # knows it): none for nokd, whatever -P teacher says
+        teacher_name = teacher_name or (teacher_meta or {}).get("arch") or (
+            cfg.teacher if len(teachers) == 1 else f"ensemble of {len(teachers)}" if teachers else "none")
         tracker.log_figure(learning_curves(
             fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}", best_epoch=fit.best_epoch,
-            teacher=(teacher_meta or {}).get("arch") or (cfg.teacher if len(teachers) == 1 else
-                                                         f"ensemble of {len(teachers)}" if teachers else "none"),
-            teacher_acc=(teacher_meta or {}).get("test_acc")), "figures/learning_curves.png")
+            teacher=teacher_name, teacher_acc=(teacher_meta or {}).get("test_acc")), "figures/learning_curves.png")
         tracker.log_dict(cfg.params(), "config.json")
         meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
                 "in_channels": info.in_channels, "test_acc": test_acc, "test_correct": correct, "test_images": n,
@@ -163,7 +165,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
                 "mode": cfg.mode, "seed": cfg.seed, "epochs": cfg.epochs, "mlflow_run_id": tracker.run_id or ""}
         checkpoint = save_model_checkpoint(checkpoint, student_cpu, meta)
         card = model_card(cfg, info, class_names(cfg.dataset, cfg.resolved_data_dir()), test_correct=correct,
-                          test_images=n, best_epoch=fit.best_epoch, run_id=tracker.run_id, teacher_meta=teacher_meta)
+                          test_images=n, best_epoch=fit.best_epoch, run_id=tracker.run_id, teacher_meta=teacher_meta,
+                          teacher_name=teacher_name)
         model_uri, version = tracker.log_model(student_cpu, example_input(data),
                                                registered_name=cfg.model_name if register else None,
                                                checkpoint=checkpoint, card=card, raw_example=raw_example(data),
@@ -253,7 +256,18 @@ def run(cfg: Config, tracker_factory=None):
             rt = Runtime(device, rt.amp_dtype)
             # Log what really runs (torchrun started directly leaves the parameter at 1).
             cfg = cfg.replace(nproc_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())))
-        return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+        with intra_op_threads(resolve_threads(cfg.threads, local)):
+            return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
+
+
+def provenance(rt: Runtime) -> dict:
+    """Tags that say what a run's numbers depend on besides its params and seed: the code,
+    torch, the CPU's kernels, and the threads it really ran with."""
+    from .tracking import code_version
+
+    return {"code_version": code_version(), "torch_version": torch.__version__, "cpu_kind": cpu_kind(),
+            "threads": str(torch.get_num_threads())}
 
 
 def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
@@ -288,7 +302,7 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
             "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-            "world_size": str(distributed.world_size())}
+            "world_size": str(distributed.world_size()), **provenance(rt)}
     extra = {"run_id": resume_run} if resume_run else {}
     with _terminate_on_sigterm() as sigterm, \
             _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
@@ -300,7 +314,8 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
             if mode.kind == "strategy":
                 return impl(cfg, data, teachers, metas, tracker, rt)
             result = train_student(cfg, impl, data, teachers, tracker, rt,
-                                   teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state)
+                                   teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state,
+                                   teacher_name=teacher_tag)
         except Exception as exc:
             if sigterm and distributed.world_size() > 1:
                 # A signal a rank got outside the training steps (or a second one, which

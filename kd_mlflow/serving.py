@@ -21,7 +21,7 @@ LOADER = "kd_mlflow_images"  # the module name of pyfunc_images.py inside a mode
 
 
 def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: int, best_epoch: int,
-               run_id: str | None, teacher_meta: dict | None = None) -> dict:
+               run_id: str | None, teacher_meta: dict | None = None, teacher_name: str = "none") -> dict:
     """JSON-able facts about one student, for its logged model and registered version."""
     test_acc = 100.0 * test_correct / test_images
     layout = "N x H x W" if info.in_channels == 1 else "N x C x H x W"
@@ -38,13 +38,9 @@ def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: 
         "network_input": "float32 N x C x H x W, normalised as above (mlflow.pytorch.load_model)",
         "selected_epoch": best_epoch + 1,
     }}
-    teacher = ""
-    if teacher_meta:
-        teacher = str(teacher_meta.get("arch") or cfg.teacher)
-        if "test_acc" in teacher_meta:
-            teacher += f" (test_acc {float(teacher_meta['test_acc']):.2f}%)"
-    elif cfg.teacher:
-        teacher = cfg.teacher
+    teacher = "" if teacher_name == "none" else teacher_name
+    if teacher and teacher_meta and "test_acc" in teacher_meta:
+        teacher += f" (test_acc {float(teacher_meta['test_acc']):.2f}%)"
     description = "\n".join([
         f"{cfg.network} student on {cfg.dataset}, trained by kd-mlflow mode `{cfg.mode}`"
         + (f" from teacher {teacher}." if teacher else " (no teacher)."),
@@ -60,7 +56,7 @@ def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: 
         "already in inference mode: call it, do not call .eval().",
     ])
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network,
-            "teacher": (teacher_meta or {}).get("arch", "") or cfg.teacher or "none", "test_acc": f"{test_acc:.2f}"}
+            "teacher": teacher_name, "test_acc": f"{test_acc:.2f}"}
     if info.class_names:  # an image folder's classes are its own: the version says which
         tags["class_names"] = ",".join(info.class_names)[:5000]
     return {"metadata": metadata, "description": description, "tags": tags, "step": int(best_epoch)}

@@ -62,11 +62,26 @@ def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResu
     tracker.log_metrics({**{k: v for k, v in selected.items() if v is not None}, "best_val_acc": best.best_val_acc,
                          "best_epoch": best.best_epoch, **summary})
     tracker.set_tags({"selected_run_id": best.run_id or ""})
-    version = tracker.register(best.model_uri, cfg.model_name, best.card) if best.model_uri else None
+    version = tracker.register(best.model_uri, cfg.model_name, strategy_card(cfg, best.card, tracker.run_id)) \
+        if best.model_uri else None
     return TrainResult(tracker.run_id, best.test_acc, best.best_val_acc, best.best_epoch,
                        cfg.model_name if version is not None else None, version, best.checkpoint,
                        best.history, best.model_uri, best.model, best.test_acc_last, best.test_correct,
                        best.test_images, best.card)
+
+
+def strategy_card(cfg: Config, card: dict | None, run_id: str | None) -> dict | None:
+    """The selected stage's model card as the strategy's registered version tells it: the
+    version is ``cfg.mode``'s (takd, kdparam, allkd), trained as the stage it names."""
+    if not card:
+        return card
+    stage = card["tags"]["mode"]
+    metadata = {**card["metadata"], "kd_mlflow": {**card["metadata"]["kd_mlflow"], "mode": cfg.mode,
+                                                  "stage_mode": stage}}
+    description = (f"Selected by kd-mlflow mode `{cfg.mode}` (run {run_id or '(untracked)'}), "
+                   f"from its stage below.\n\n" + card["description"])
+    return {**card, "metadata": metadata, "description": description,
+            "tags": {**card["tags"], "mode": cfg.mode, "stage_mode": stage}}
 
 
 def _best(results: list[TrainResult]) -> int:

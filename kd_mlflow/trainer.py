@@ -12,6 +12,7 @@ the same NaN verdict. Only rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -125,6 +126,36 @@ def cpu_kind() -> str:
     if onednn:
         flags.append(f"onednn<={onednn}")
     return " ".join([capability, *flags])
+
+
+def resolve_threads(requested: int, local_processes: int = 1) -> int:
+    """torch intra-op threads for a run: ``requested``, or (0) the physical cores this
+    process may use, shared out among the ``local_processes`` of a data-parallel run.
+
+    Deliberately not torch's current setting: that is whatever the launcher left (torchrun
+    and Ray set OMP_NUM_THREADS, a pool may have lowered it), and a CPU run's numbers
+    change with the thread count."""
+    if requested > 0:
+        return requested
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(allowed, physical) // max(1, local_processes))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch.set_num_threads(n) for the block, then back to what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def autocast(device: torch.device, dtype):

@@ -26,7 +26,8 @@ from conftest import BIN, REPO, mlflow_run, runs_of, unique_experiment
 
 from kd_mlflow.benchmark import BENCHMARK_FIELDS, parse_modes, plan
 from kd_mlflow.cli import main
-from kd_mlflow.compare import compare_experiment, holm, summarize, t_cdf, t_quantile, welch_interval
+from kd_mlflow.compare import (compare_experiment, display_table, holm, paired_interval, summarize, t_cdf, t_quantile,
+                               welch_interval)
 from kd_mlflow.config import ConfigError
 from kd_mlflow.modes import DISTILLATION_MODES
 from kd_mlflow.registry import parse_model_spec
@@ -75,6 +76,43 @@ def test_welch_p_value_and_holm_by_hand():
 class _nan:
     def __eq__(self, other):
         return isinstance(other, float) and math.isnan(other)
+
+
+def test_paired_interval_on_matched_seeds_by_hand():
+    # seeds 0 and 1 match (differences 4 and 3.5); seed 2 has no partner and is left out
+    ci = paired_interval({0: 84.0, 1: 85.5, 2: 89.0}, {0: 80.0, 1: 82.0, 5: 70.0})
+    se = statistics.stdev([4.0, 3.5]) / math.sqrt(2)  # 0.25
+    assert (ci.diff, ci.df) == (pytest.approx(3.75), 1)
+    assert (ci.low, ci.high) == (pytest.approx(3.75 - T975[1] * se), pytest.approx(3.75 + T975[1] * se))
+    # df = 1 is the Cauchy distribution: two-sided p = 1 - (2 / pi) atan(|t|)
+    assert ci.p == pytest.approx(1.0 - 2.0 / math.pi * math.atan(3.75 / se), rel=1e-9)
+    assert paired_interval({0: 1.0, 1: 2.0}, {1: 2.0, 2: 3.0}) is None  # one matched seed
+
+
+def test_summary_pairs_matched_seeds_and_keeps_welch_beside_it():
+    # nokd and kd on seeds 0-2; the seed effect (+-3) is shared, so the paired test sees a
+    # steady +2 while Welch's sees it buried in the seeds' spread
+    nokd, kd = [80.0, 83.0, 86.0], [82.0, 85.5, 87.5]
+    frame = pd.DataFrame([
+        {"dataset": "d", "student": "s", "mode": m, "teacher": "t", "seed": i, "test_acc": acc,
+         "test_acc_last": acc, "best_val_acc": 50.0, "teacher_test_acc": math.nan, "wall_seconds": 1.0}
+        for m, accs in {"nokd": nokd, "kd": kd}.items() for i, acc in enumerate(accs)])
+    summary = summarize(frame)
+    row = summary.set_index("mode").loc["kd"]
+    d = [b - a for a, b in zip(nokd, kd)]  # 2, 2.5, 1.5
+    se = statistics.stdev(d) / math.sqrt(3)
+    assert row["gain_test"] == "paired" and row["paired_seeds"] == "0,1,2"
+    assert row["paired_gain"] == pytest.approx(2.0)
+    assert row["paired_ci_low"] == pytest.approx(2.0 - t_quantile(0.975, 2) * se)
+    # df = 2: two-sided p = 1 - t / sqrt(2 + t^2)
+    t = 2.0 / se
+    assert row["paired_p"] == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t), rel=1e-9)
+    assert row["paired_p_holm"] == pytest.approx(row["paired_p"])  # one comparison
+    welch = welch_interval(kd, nokd)
+    assert (row["gain_ci_low"], row["gain_p"]) == (pytest.approx(welch.low), pytest.approx(welch.p))
+    assert row["paired_p"] < 0.05 < row["gain_p"]
+    shown = display_table(summary).set_index("mode").loc["kd"]
+    assert shown["test"] == "paired (0,1,2)" and shown["p (Holm)"] == f"{row['paired_p_holm']:.3g}"
 
 
 def test_summary_reports_the_last_epoch_beside_the_selected_student():
@@ -264,6 +302,10 @@ def check_comparison(summary: pd.DataFrame, excluded: pd.DataFrame, ids: dict) -
     gain = statistics.fmean(groups["rkd"]) - 81.0
     assert (rows["rkd"]["gain_ci_low"], rows["rkd"]["gain_ci_high"]) == (pytest.approx(gain - half),
                                                                            pytest.approx(gain + half))
+    # the paired test on the seeds both have: rkd's 0 and 1 (differences 4 and 3.5), df 1
+    assert (rows["rkd"]["paired_seeds"], rows["rkd"]["paired_gain"]) == ("0,1", pytest.approx(3.75))
+    assert rows["rkd"]["paired_ci_low"] == pytest.approx(3.75 - T975[1] * 0.25)
+    assert rows["kd"]["gain_test"] == rows["rkd"]["gain_test"] == "paired"
     # a single seed: the gain, but no interval; nokd itself has no gain
     assert rows["allkd"]["gain_vs_nokd"] == pytest.approx(5.0) and math.isnan(rows["allkd"]["gain_ci_low"])
     assert math.isnan(rows["nokd"]["gain_vs_nokd"])
@@ -295,7 +337,11 @@ def test_compare_statistics_exclusions_and_logged_artifacts(synthetic_experiment
     for figure in ("test_acc_by_mode.png", "val_acc_curves.png"):
         assert (written / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| fashion_mnist | resnet8 | kd | resnet20 | 2 | 86.00 ± 1.41 |" in out.output
-    assert f"+5.00 [{5.0 - T975[2] * math.sqrt(2):+.2f}, {5.0 + T975[2] * math.sqrt(2):+.2f}]" in out.output
+    # seeds 0 and 1 of kd and nokd share their splits: the table shows the paired test (both
+    # differences are 5, so its interval is a point), summary.csv keeps Welch's beside it
+    assert "+5.00 [+5.00, +5.00] | paired (0,1) |" in out.output
+    assert "+3.75 [" in out.output  # rkd: its seeds 0 and 1 pair with nokd's, seed 2 has no partner
+    assert "8 run(s) record no code_version" in out.output  # synthetic runs, logged without provenance
     assert "Left out (8 runs)" in out.output and ids["kd_failed"] in out.output
 
     exp = client.get_experiment_by_name(name)

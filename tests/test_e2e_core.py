@@ -110,6 +110,9 @@ def test_mode_entry_point(mode, terms, precision, teacher_run, mlflow_server):
     # the autocast score is kept under its own name, and only when autocast trained the run
     assert ("test_acc_bf16" in metrics) == (run.data.tags["precision"] == "bf16")
     version = registered_version(client, f"e2e-{experiment}", run.info.run_id)
+    # the registry says what the run says: nokd had no teacher, whatever -P teacher holds
+    assert version.tags["teacher"] == run.data.tags["teacher"] == ("none" if mode == "nokd" else "resnet8")
+    assert ("(no teacher)" in version.description) == (mode == "nokd")
     assert "test_acc" in proc.stdout and run.info.run_id in proc.stdout
     correct, n = correct_in_fresh_process(mlflow_server, f"models:/e2e-{experiment}/{version.version}",
                                           TINY["test_subset"])

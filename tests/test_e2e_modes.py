@@ -55,7 +55,10 @@ def test_single_training_mode(mode, teacher_run, mlflow_server):
     for name, value in extra.items():
         assert runs[0].data.params[name].lower() == str(value).lower(), name
     versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
-    assert runs[0].info.run_id in {v.run_id for v in versions}
+    version = next(v for v in versions if v.run_id == runs[0].info.run_id)
+    # the registry says what the run says (nokd: tests/test_e2e_core.py)
+    assert version.tags["teacher"] == runs[0].data.tags["teacher"] == "resnet8"
+    assert version.tags["mode"] == mode and "from teacher resnet8" in version.description
 
 
 def test_ab_has_two_phases(teacher_run, mlflow_server):
@@ -81,6 +84,9 @@ def test_multikd_with_a_file_and_a_registry_uri(teacher_run, mlflow_server):
     client, runs = runs_of(mlflow_server, experiment)
     _check_single(client, runs[0], "multikd", ("ce", "kd"))
     assert runs[0].data.tags["teacher"] == "resnet8+resnet8"
+    (version,) = [v for v in client.search_model_versions("name='fashion_mnist-resnet8-multikd'")
+                  if v.run_id == runs[0].info.run_id]
+    assert version.tags["teacher"] == "resnet8+resnet8"
 
 
 def _parent_and_children(client, runs):
@@ -113,4 +119,8 @@ def test_multi_stage_mode(mode, extra, n_children, teacher_run, mlflow_server):
         next(c for c in children if c.info.run_id == selected).data.metrics["test_acc"])
     versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
     assert versions, "the selected student is registered"
+    (version,) = [v for v in versions if v.run_id == selected]
+    # the version is the strategy's, trained as a kd stage
+    assert version.tags["mode"] == mode and version.tags["stage_mode"] == "kd"
+    assert f"mode `{mode}`" in version.description and parent.info.run_id in version.description
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}

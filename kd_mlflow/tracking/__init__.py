@@ -41,6 +41,7 @@ from .lifecycle import (
     HEARTBEAT_SECONDS,
     HEARTBEAT_TAG,
     check_launcher_experiment,
+    code_version,
     git_commit,
     is_mlflow_generated_name,
     start_run,
@@ -56,7 +57,7 @@ from .offline import _Offline  # noqa: F401,E402
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "HEARTBEAT_SECONDS", "HEARTBEAT_TAG", "OFFLINE_ROOT", "SYSTEM_METRICS_INTERVAL",
-    "MlflowTracker", "NullTracker", "check_launcher_experiment", "check_tracking_server", "dataset_inputs",
+    "MlflowTracker", "NullTracker", "check_launcher_experiment", "check_tracking_server", "code_version", "dataset_inputs",
     "git_commit", "is_mlflow_generated_name", "outage_wait_seconds", "pip_requirements", "redact",
     "resumable_run", "server_up", "shown_registry_uri", "shown_tracking_uri", "start_run",
 ]

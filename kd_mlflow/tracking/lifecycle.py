@@ -1,10 +1,12 @@
 """Run lifecycle: which experiment a run goes to (and refusing ``-P experiment`` that
 ``mlflow run`` cannot honour), opening or adopting the run (``start_run``), its name,
-its git commit, and its heartbeat while it is open."""
+its git commit and code version, and its heartbeat while it is open."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import subprocess
 import threading
@@ -31,6 +33,18 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@functools.cache
+def code_version() -> str:
+    """A digest of the package's source (every .py under kd_mlflow/, path and bytes): the
+    code a run's numbers come from, whether or not it is a git checkout, and unchanged by
+    edits outside the package (README, tests, docs)."""
+    package = _PACKAGE_ROOT / "kd_mlflow"
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _select_experiment(experiment: str) -> None:
