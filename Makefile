@@ -40,8 +40,10 @@ PG_TESTS := tests/test_e2e_core.py::test_teacher_entry_point 'tests/test_e2e_cor
   tests/test_compare_registry.py::test_compare_statistics_exclusions_and_logged_artifacts \
   tests/test_compare_registry.py::test_champion_alias_follows_test_acc_and_pull_reproduces_it
 
+# TEST_WORKERS: pytest-xdist processes, whole test files each (their module fixtures stay shared).
+TEST_WORKERS ?= 2
 test: setup data
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 	@$(MAKE) --no-print-directory test-postgres
 
 test-postgres: setup

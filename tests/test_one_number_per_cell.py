@@ -18,7 +18,7 @@ from test_compare_registry import clean_mlflow_env
 
 pytestmark = pytest.mark.e2e
 
-CELL = dict(teacher="pretrained:fashion_mnist-resnet20", epochs=2, train_subset=256, val_size=100,
+CELL = dict(teacher="pretrained:fashion_mnist-resnet20", epochs=1, train_subset=256, val_size=100,
             test_subset=200, batch_size=64, device="cpu")
 # What the cell learned, as logged: every per-epoch and final metric but the timings.
 TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
@@ -91,7 +91,7 @@ def test_a_finished_cell_of_another_code_version_is_not_reused(tracking, tmp_pat
     client = MlflowClient(tracking)
     experiment = unique_experiment("code-version")
     args = ["benchmark", "--modes", "nokd", "--seeds", "1", "--experiment", experiment,
-            *_options({**CELL, "epochs": 1})]
+            *_options(CELL)]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     exp = client.get_experiment_by_name(experiment)

@@ -121,6 +121,31 @@ def test_unreachable_server_is_a_clear_error_within_seconds(tmp_path):
     assert not (tmp_path / "runs").exists(), "nothing may be trained or written"
 
 
+def test_mlflow_run_against_a_closed_port_fails_fast_with_the_readme_settings(tmp_path):
+    """`mlflow run` creates its run before any kd-mlflow code runs, so against a server that
+    is down it is MLflow's launcher that retries (about 4 minutes at MLflow's defaults). With
+    the settings the README gives, it gives up at once; credentials passed as the README
+    says (environment, not the URI) appear nowhere in what it prints."""
+    password = secrets.token_hex(8)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+           "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": password,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+           "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(var, None)
+    start = time.monotonic()
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "mlflow"), "run", str(REPO), "-e", "kd", "--env-manager",
+                           "local", "-P", "epochs=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "Connection refused" in proc.stderr, proc.stderr[-2000:]
+    assert password not in proc.stderr + proc.stdout
+    # Behaviour, not speed: no retrying for minutes (MLflow's default is about 4).
+    assert elapsed < 30, elapsed
+    assert not (tmp_path / "runs").exists(), "nothing may be trained or written"
+
+
 @contextlib.contextmanager
 def server_stopped_after_first_epoch(tmp_path, experiment: str, epochs: int, outage_wait: int):
     """A nokd training against a real server that is stopped once the first epoch is logged."""
