@@ -249,13 +249,29 @@ def mlproject_command(check: bool, path: str) -> None:
               help="Experiment to compare (name or id); empty under `mlflow run` = the run's own experiment.")
 @click.option("--output-dir", default="", help="Also write summary.csv, runs.csv, summary.md and the figures "
                                                "(PNG) into this folder.")
-def compare_command(experiment: str, output_dir: str) -> None:
+@click.option("--runs-csv", default="", help="Recompute the tables of a runs.csv that --output-dir wrote (e.g. "
+                                             "docs/benchmark/fashion_mnist-runs.csv), without MLflow and without "
+                                             "logging a run.")
+def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
     """Compare the modes of an experiment: a table per mode (seeds, mean ± std test_acc,
-    best val_acc, wall time, gain over nokd with a 95% CI) and figures, logged as a run
-    of its own (tag mode=compare). Failed, unfinished and mismatched runs are listed, never averaged."""
-    from .compare import run_compare
+    best val_acc, wall time, gain over nokd with a 95% CI, paired on matched seeds) and
+    figures, logged as a run of its own (tag mode=compare). Failed, unfinished and
+    mismatched runs are listed, never averaged."""
+    from pathlib import Path
+
+    from .compare import compare_runs_csv, provenance_notes, run_compare, write_comparison
 
     try:
+        if runs_csv:
+            if experiment:
+                raise ConfigError("pass --experiment or --runs-csv, not both")
+            comparison = compare_runs_csv(runs_csv)
+            if output_dir:
+                write_comparison(comparison, Path(output_dir))
+            click.echo(comparison.markdown)
+            for note in provenance_notes(comparison.runs):
+                click.echo(f"note: {note}")
+            return
         run_compare(experiment, echo=click.echo, output_dir=output_dir)
     except ConfigError as exc:
         _fail(exc)

@@ -568,6 +568,29 @@ def provenance_notes(runs: pd.DataFrame) -> list[str]:
     return notes
 
 
+def compare_runs_csv(path: str) -> Comparison:
+    """The comparison of a ``runs.csv`` that ``compare --output-dir`` wrote (the committed
+    benchmark's, say), recomputed without MLflow: its included runs, summarised again with
+    this version's statistics. Nothing is left out again: the CSV holds the included runs."""
+    try:
+        frame = pd.read_csv(path, dtype={"run_id": str, "parent_run_id": str, "history_run_id": str})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read runs CSV {path!r}: {exc}; pass a runs.csv written by "
+                          f"kd-mlflow compare --output-dir") from None
+    needed = {"dataset", "student", "mode", "teacher", "seed", "test_acc", "test_acc_last", "best_val_acc",
+              "teacher_test_acc", "wall_seconds"}
+    missing = sorted(needed - set(frame.columns))
+    if missing:
+        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}; pass a runs.csv written by "
+                          f"kd-mlflow compare --output-dir")
+    for name in PROVENANCE:
+        if name not in frame.columns:
+            frame[name] = ""
+    frame[list(PROVENANCE)] = frame[list(PROVENANCE)].fillna("").astype(str)
+    name = Path(path).name
+    return Comparison(name, "", summarize(frame), frame, pd.DataFrame(columns=EXCLUDED_COLUMNS), {})
+
+
 def run_compare(experiment: str = "", *, echo=print, output_dir: str = "") -> Comparison:
     """``kd-mlflow compare``: compare ``experiment`` and log the result as a run of its
     own (tag mode=compare), and into ``output_dir`` when given. Under ``mlflow run`` the

@@ -115,6 +115,29 @@ def test_summary_pairs_matched_seeds_and_keeps_welch_beside_it():
     assert shown["test"] == "paired (0,1,2)" and shown["p (Holm)"] == f"{row['paired_p_holm']:.3g}"
 
 
+def test_compare_recomputes_a_committed_runs_csv_without_mlflow(tmp_path):
+    """`compare --runs-csv`: the tables of a runs.csv (what --output-dir wrote) again, here
+    the paired test on matched seeds beside Welch's, with no tracking server at all."""
+    from kd_mlflow.cli import main
+
+    nokd, kd = [80.0, 83.0, 86.0], [82.0, 85.5, 87.5]
+    pd.DataFrame([{"run_id": f"{m}{i}", "run_name": f"{m}-seed{i}", "dataset": "d", "student": "s", "mode": m,
+                   "teacher": "t", "seed": i, "test_acc": acc, "test_acc_last": acc, "best_val_acc": 50.0,
+                   "teacher_test_acc": math.nan, "wall_seconds": 1.0, "parent_run_id": "", "history_run_id": ""}
+                  for m, accs in {"nokd": nokd, "kd": kd}.items() for i, acc in enumerate(accs)]
+                 ).to_csv(tmp_path / "runs.csv", index=False)
+    out = CliRunner().invoke(main, ["compare", "--runs-csv", str(tmp_path / "runs.csv"),
+                                    "--output-dir", str(tmp_path / "out")], env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert out.exit_code == 0, out.output
+    assert "| +2.00 [" in out.output and "| paired (0,1,2) |" in out.output
+    assert "6 run(s) record no code_version" in out.output
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("mode")
+    assert summary.loc["kd", "paired_gain"] == pytest.approx(2.0) and summary.loc["kd", "gain_test"] == "paired"
+    assert summary.loc["kd", "gain_p"] == pytest.approx(welch_interval(kd, nokd).p)
+    bad = CliRunner().invoke(main, ["compare", "--runs-csv", str(tmp_path / "missing.csv")])
+    assert bad.exit_code != 0 and "cannot read runs CSV" in bad.output
+
+
 def test_summary_reports_the_last_epoch_beside_the_selected_student():
     frame = pd.DataFrame([
         {"dataset": "d", "student": "s", "mode": m, "teacher": "t", "seed": i, "test_acc": acc,
