@@ -49,13 +49,14 @@ def _epoch_axis(ax) -> None:
 
 
 def learning_curves(history: list[dict], title: str = "", *, teacher: str = "", teacher_acc: float | None = None,
-                    best_epoch: int | None = None):
+                    best_epoch: int | None = None, test_acc: float | None = None):
     """Loss (left) and accuracy (right) per epoch, epochs counted from 1. Left: each
     ``loss_<term>`` as logged (already weighted; they sum to train_loss), train_loss,
     and val_loss (plain cross-entropy on the validation split). Right: train and val
     accuracy. Both mark the selected epoch, ``best_epoch`` (0-based like the metric
-    steps; by default the first epoch with the best val_acc). The title names the
-    teacher (``teacher_acc``: its test accuracy, if known)."""
+    steps; by default the first epoch with the best val_acc). The title gives the
+    student's ``test_acc`` (the selected model's) and names the teacher (``teacher_acc``:
+    the teacher's own test accuracy, if known)."""
     df = pd.DataFrame(history)
     epochs = np.arange(1, len(df) + 1)
     if best_epoch is None and "val_acc" in df and df["val_acc"].notna().any():
@@ -63,13 +64,17 @@ def learning_curves(history: list[dict], title: str = "", *, teacher: str = "", 
     fig, (ax_loss, ax_acc) = _figure((12, 5), ncols=2)
 
     terms = [c for c in df.columns if c.startswith("loss_")]
-    if len(terms) > 1:
-        for term, color in zip(terms, sns.color_palette("muted", len(terms))):
-            ax_loss.plot(epochs, df[term], marker=".", lw=1.2, color=color, label=f"{term[5:]} (weighted)")
     if "train_loss" in df:
+        # behind the terms, light: a term that is most of the loss (kd at alpha 0.9) would
+        # otherwise hide under it
         what = "sum of the weighted terms" if len(terms) > 1 else (f"= {terms[0][5:]}" if terms else "")
-        ax_loss.plot(epochs, df["train_loss"], marker="o", lw=2.4, color="black",
+        ax_loss.plot(epochs, df["train_loss"], lw=6, color="0.8", solid_capstyle="round", zorder=1,
                      label=f"train_loss ({what})" if what else "train_loss")
+    if len(terms) > 1:
+        markers = ["o", "^", "s", "D", "v", "P", "X"]
+        for i, (term, color) in enumerate(zip(terms, sns.color_palette("deep", len(terms)))):
+            ax_loss.plot(epochs, df[term], marker=markers[i % len(markers)], ms=5, lw=1.4, color=color, zorder=3,
+                         label=f"{term[5:]} (weighted)")
     if "val_loss" in df:
         ax_loss.plot(epochs, df["val_loss"], marker="s", lw=2.0, ls="--", color="tab:red",
                      label="val_loss (unweighted CE, validation)")
@@ -97,10 +102,12 @@ def learning_curves(history: list[dict], title: str = "", *, teacher: str = "", 
                   title_fontsize=10, frameon=False)
 
     heading = title
+    if test_acc is not None:
+        heading += f"{': ' if heading else ''}student test_acc {float(test_acc):.2f}%"
     if teacher:
         known = teacher_acc is not None and not math.isnan(float(teacher_acc))
-        heading += f"{', ' if heading else ''}teacher {teacher}" + (f" (test_acc {float(teacher_acc):.2f}%)"
-                                                                   if known else "")
+        heading += f"{'; ' if heading else ''}teacher {teacher}" + (
+            f" (the teacher's own test_acc {float(teacher_acc):.2f}%)" if known else "")
     if heading:
         fig.suptitle(_wrapped(heading, 0.95 * fig.get_figwidth(), "figure.titlesize"))
     return fig

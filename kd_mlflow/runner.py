@@ -157,7 +157,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
             cfg.teacher if len(teachers) == 1 else f"ensemble of {len(teachers)}" if teachers else "none")
         tracker.log_figure(learning_curves(
             fit.history, f"{cfg.mode}: {cfg.network} on {cfg.dataset}", best_epoch=fit.best_epoch,
-            teacher=teacher_name, teacher_acc=(teacher_meta or {}).get("test_acc")), "figures/learning_curves.png")
+            teacher=teacher_name, teacher_acc=(teacher_meta or {}).get("test_acc"), test_acc=test_acc),
+            "figures/learning_curves.png")
         tracker.log_dict(cfg.params(), "config.json")
         meta = {"arch": cfg.network, "dataset": cfg.dataset, "num_classes": info.num_classes,
                 "in_channels": info.in_channels, "test_acc": test_acc, "test_correct": correct, "test_images": n,

@@ -67,10 +67,16 @@ def kd_history(epochs: int = 5) -> list[dict]:
 
 def test_learning_curves(tmp_path):
     fig = rendered(plots.learning_curves(kd_history(5), "kd: resnet8 on fashion_mnist", teacher="resnet20",
-                                         teacher_acc=92.31, best_epoch=2), tmp_path, "learning_curves")
+                                         teacher_acc=92.31, best_epoch=2, test_acc=85.5), tmp_path, "learning_curves")
     ax_loss, ax_acc = fig.axes
-    title = fig._suptitle.get_text()
+    title = fig._suptitle.get_text().replace("\n", " ")
     assert all(word in title for word in ("kd", "resnet8", "fashion_mnist", "resnet20", "92.31"))
+    # the student's own score, and the teacher's named as the teacher's
+    assert "student test_acc 85.50%" in title and "the teacher's own test_acc 92.31%" in title
+    # every weighted term is drawn above train_loss, so a term that is most of the loss stays visible
+    lines = {line.get_label(): line for line in ax_loss.get_lines()}
+    train = next(line for label, line in lines.items() if label.startswith("train_loss"))
+    assert all(lines[t].get_zorder() > train.get_zorder() for t in ("ce (weighted)", "kd (weighted)"))
     loss_lines = line_labels(ax_loss)
     assert any(label.startswith("train_loss") for label in loss_lines)
     assert any(label.startswith("val_loss") for label in loss_lines)
