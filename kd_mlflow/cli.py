@@ -267,7 +267,7 @@ def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
                 raise ConfigError("pass --experiment or --runs-csv, not both")
             comparison = compare_runs_csv(runs_csv)
             if output_dir:
-                write_comparison(comparison, Path(output_dir))
+                write_comparison(comparison, Path(output_dir), figures=True)
             click.echo(comparison.markdown)
             for note in provenance_notes(comparison.runs):
                 click.echo(f"note: {note}")

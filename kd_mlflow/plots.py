@@ -21,7 +21,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .modes import BASELINE  # noqa: E402
+from .modes import BASELINE, DISTILLATION_MODES  # noqa: E402
 
 DPI = 150
 
@@ -197,6 +197,26 @@ def _comparison_label(mode: str, teacher: str, ambiguous: bool) -> str:
     return f"{mode}\n({teacher})" if ambiguous and teacher and teacher != "none" else mode
 
 
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (with mode and teacher columns) with a ``label`` column, sorted in the
+    registry's mode order: the same labels, in the same order, in every comparison figure."""
+    df = df.copy()
+    ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
+    df["label"] = [_comparison_label(m, t, a) for m, t, a in zip(df["mode"], df["teacher"], ambiguous)]
+    order = {m: i for i, m in enumerate(DISTILLATION_MODES)}
+    df["_order"] = [order.get(m, len(order)) for m in df["mode"]]
+    return df.sort_values(["_order", "teacher"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def mode_colors(labels) -> dict:
+    """One colour per comparison label, the baseline grey: the same mode has the same
+    colour in the mode figure and in the curves (18 distinct colours before any repeats)."""
+    others = [label for label in dict.fromkeys(labels) if label.split("\n")[0] != BASELINE]
+    palette = [c for i, c in enumerate(sns.color_palette("tab20", 20)) if i not in (14, 15)]  # not tab20's greys
+    colors = {label: palette[i % len(palette)] for i, label in enumerate(others)}
+    return {**{label: "#666666" for label in labels if label.split("\n")[0] == BASELINE}, **colors}
+
+
 def accuracy_axis_range(values) -> tuple[float, float]:
     """The y range of an accuracy (%) plot of ``values``: below the lowest by at least 5
     points or the whole spread (whichever is more), down to a multiple of 5, so that a
@@ -215,27 +235,29 @@ def mode_comparison_points(summary: pd.DataFrame, teacher_acc: dict | None = Non
     standard deviation over seeds as error bars (none for a single seed); the teachers'
     accuracy and the nokd baseline's mean as horizontal reference lines. The y-axis
     starts well below every point and line (accuracy_axis_range) and the caption says
-    where."""
-    df = summary.reset_index(drop=True)
-    ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
-    labels = [_comparison_label(m, t, a) for m, t, a in zip(df["mode"], df["teacher"], ambiguous)]
-    fig, ax = _figure((max(7.0, 1.1 * len(df) + 4), 5.5))
-    colors = ["#666666" if m == BASELINE else c for m, c in zip(df["mode"], sns.color_palette("deep", len(df)))]
+    where. Colours as in val_acc_curves (mode_colors)."""
+    df = _labelled(summary)
+    labels = list(df["label"])
+    colors = mode_colors(labels)
+    many = len(df) > 8
+    fig, ax = _figure((max(7.0, 0.62 * len(df) + 3), 6.0))
     means = df["test_acc_mean"].to_numpy(dtype=float)
     stds = df["test_acc_std"].to_numpy(dtype=float)
-    for i, (mean, sd, n, color) in enumerate(zip(means, stds, df["runs"], colors)):
+    for i, (mean, sd, n, label) in enumerate(zip(means, stds, df["runs"], labels)):
         spread = not math.isnan(sd)  # one seed: no error bar rather than a zero one
-        ax.errorbar([i], [mean], yerr=[sd] if spread else None, fmt="o", ms=9, color=color, ecolor=color,
-                    elinewidth=1.8, capsize=6, capthick=1.8)
-        ax.annotate(f"{mean:.2f}" + (f" ± {sd:.2f}" if spread else "") + f"\nn={n}", (i, mean),
-                    textcoords="offset points", xytext=(12, 0), ha="left", va="center", fontsize=8,
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
-    ax.set_xticks(range(len(df)), labels)
-    ax.set_xlim(-0.5, len(df) - 0.2)  # the last point's label sits to its right
+        ax.errorbar([i], [mean], yerr=[sd] if spread else None, fmt="o", ms=9, color=colors[label],
+                    ecolor=colors[label], elinewidth=1.8, capsize=6, capthick=1.8)
+        ax.annotate(f"{mean:.2f}" + (f"\n±{sd:.2f}" if spread else "") + f"\nn={n}",
+                    (i, mean + (sd if spread else 0.0)), textcoords="offset points", xytext=(0, 6), ha="center",
+                    va="bottom", fontsize=7.5,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    ax.set_xticks(range(len(df)), labels, rotation=35 if many else 0, ha="right" if many else "center")
+    ax.set_xlim(-0.6, len(df) - 0.4)
     references = []
     for j, (teacher, acc) in enumerate(sorted((teacher_acc or {}).items())):
         if acc is not None and not math.isnan(acc):
-            ax.axhline(acc, ls="--", lw=1.3, color=sns.color_palette("dark")[j % 10], label=f"teacher {teacher} ({acc:.2f})")
+            ax.axhline(acc, ls="--", lw=1.3, color=sns.color_palette("dark")[j % 10],
+                       label=f"teacher {teacher} ({acc:.2f})")
             references.append(acc)
     if nokd_acc is not None and not math.isnan(nokd_acc):
         ax.axhline(nokd_acc, ls=":", lw=1.6, color="black", label=f"{BASELINE} mean ({nokd_acc:.2f})")
@@ -246,23 +268,48 @@ def mode_comparison_points(summary: pd.DataFrame, teacher_acc: dict | None = Non
     if references:
         ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     ax.set_ylabel("test accuracy (%): mean ± 1 std over seeds")
-    ax.set_xlabel(f"the y-axis runs from {floor:g}% to {top:g}% (not from 0); no error bar: a single seed",
-                  fontsize="small")
+    caption = f"the y-axis runs from {floor:g}% to {top:g}% (not from 0)"
+    if np.isnan(stds).any():
+        caption += "; no error bar: a single seed"
+    ax.set_xlabel(caption, fontsize="small")
     _set_title(ax, title or "test accuracy by mode")
     return fig
 
 
 def val_acc_curves(histories: pd.DataFrame, title: str = ""):
-    """compare: validation accuracy per epoch (from 1) of every mode on one plot (mean
-    over seeds, the band one standard deviation)."""
-    df = histories.copy()
-    ambiguous = df.groupby("mode")["teacher"].transform("nunique") > 1
-    df["mode "] = [_comparison_label(m, t, a).replace("\n", " ") for m, t, a in
-                   zip(df["mode"], df["teacher"], ambiguous)]
-    fig, ax = _figure((9, 5))
-    sns.lineplot(data=df, x="epoch", y="val_acc", hue="mode ", errorbar="sd", marker="o", ax=ax)
-    _epoch_axis(ax)
-    ax.set_ylabel("validation accuracy (%): mean ± 1 std over seeds")
-    _set_title(ax, title or "validation accuracy by mode")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mode")
+    """compare: validation accuracy per epoch (from 1), one small panel per mode (mean
+    over seeds, the band one standard deviation), each with the baseline's mean curve as
+    a grey reference; shared axes. Colours as in mode_comparison_points."""
+    df = _labelled(histories)
+    labels = list(dict.fromkeys(df["label"]))
+    colors = mode_colors(labels)
+    base = [label for label in labels if label.split("\n")[0] == BASELINE]
+    panels = [label for label in labels if label not in base] or base
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.8, 2.7 * nrows + 1.0), dpi=DPI,
+                             layout="constrained", sharex=True, sharey=True, squeeze=False)
+    stats = df.groupby(["label", "epoch"])["val_acc"].agg(["mean", "std"]).reset_index()
+    for ax, label in zip(axes.flat, panels):
+        for which in [*[b for b in base if b != label], label]:
+            s = stats[stats["label"] == which]
+            mine = which == label
+            ax.plot(s["epoch"], s["mean"], marker="o" if mine else None, ms=3, lw=1.8 if mine else 1.3,
+                    ls="-" if mine else "--", color=colors[which],
+                    label=which.replace("\n", " ") + ("" if mine else " (reference)"))
+            if s["std"].notna().any():
+                ax.fill_between(s["epoch"], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
+                                color=colors[which], alpha=0.2 if mine else 0.1, lw=0)
+        ax.set_title(label.replace("\n", " "), fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        _epoch_axis(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val_acc (%)")
+    for k, ax in enumerate(list(axes.flat)[len(panels):], start=len(panels)):
+        fig.delaxes(ax)
+        axes.flat[k - ncols].xaxis.set_tick_params(labelbottom=True)  # the panel above is now a column's last
+    fig.suptitle(_wrapped((title or "validation accuracy by mode") + ": mean ± 1 std over seeds",
+                          0.95 * fig.get_figwidth(), "figure.titlesize"))
     return fig

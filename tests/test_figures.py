@@ -170,8 +170,44 @@ def test_mode_comparison_points(tmp_path):
     low, high = ax.get_ylim()
     assert low <= lowest - 5 and high >= 92.3
     assert f"{low:g}%" in ax.get_xlabel() and "not from 0" in ax.get_xlabel()
+    assert "single seed" in ax.get_xlabel()  # dkd has one seed
     assert "std" in ax.get_ylabel()
     assert {"teacher resnet20 (92.30)", "nokd mean (88.50)"} <= set(legend_texts(ax))
+    # every mode with two or more seeds: no caption about single seeds
+    two = summary_frame().assign(test_acc_std=[0.4, 0.5, 0.6], runs=[2, 2, 2])
+    ax2 = rendered(plots.mode_comparison_points(two), tmp_path, "modes2").axes[0]
+    assert "single seed" not in ax2.get_xlabel()
+
+
+def test_comparison_figures_give_a_mode_one_colour_and_16_modes_stay_readable(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from kd_mlflow.modes import DISTILLATION_MODES
+
+    modes = list(DISTILLATION_MODES)
+    summary = pd.DataFrame([{"dataset": "d", "student": "s", "mode": m, "teacher": "none" if m == "nokd" else "t",
+                             "runs": 2, "test_acc_mean": 80.0 + i % 7, "test_acc_std": 0.5}
+                            for i, m in enumerate(reversed(modes))])  # any order in, registry order out
+    histories = pd.DataFrame([{"mode": m, "teacher": "none" if m == "nokd" else "t", "seed": s, "epoch": e,
+                               "val_acc": 70.0 + e + s} for m in modes for s in (0, 1) for e in (1, 2, 3)])
+    points = rendered(plots.mode_comparison_points(summary), tmp_path, "many_modes")
+    curves = rendered(plots.val_acc_curves(histories), tmp_path, "many_curves")
+    (ax,) = points.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == modes
+    point_color = {label.get_text(): to_hex(c.lines[0].get_color())
+                   for label, c in zip(ax.get_xticklabels(), [c for c in ax.containers
+                                                              if isinstance(c, ErrorbarContainer)])}
+    panels = curves.axes
+    assert [a.get_title() for a in panels] == modes[1:]  # one panel per mode, nokd the reference in each
+    for a in panels:
+        mine = next(line for line in a.get_lines() if line.get_label() == a.get_title())
+        assert to_hex(mine.get_color()) == point_color[a.get_title()], a.get_title()
+        assert any(line.get_label() == "nokd (reference)" for line in a.get_lines())
+    non_baseline = [point_color[m] for m in modes[1:]]
+    assert len(set(non_baseline)) == len(non_baseline) and point_color["nokd"] not in non_baseline
+    # large enough to read, small enough to show: at most 2,400 px wide at the figures' 150 dpi
+    for fig in (points, curves):
+        assert fig.get_size_inches()[0] * fig.dpi <= 2400
 
 
 @pytest.mark.parametrize("values, expected", [([88.1, 92.3], (80.0, 95.0)), ([3.0, 10.0], (0.0, 15.0)),
@@ -184,10 +220,12 @@ def test_val_acc_curves(tmp_path):
     histories = pd.DataFrame([{"mode": m, "teacher": "resnet20", "seed": s, "epoch": e + 1, "val_acc": 60 + 5 * e + s}
                               for m in ("nokd", "kd") for s in range(2) for e in range(3)])
     fig = rendered(plots.val_acc_curves(histories, "validation accuracy (bench)"), tmp_path, "val_acc")
-    (ax,) = fig.axes
-    assert legend_texts(ax) == ["nokd", "kd"]
+    (ax,) = fig.axes  # one panel: kd, with nokd as its reference
+    assert legend_texts(ax) == ["nokd (reference)", "kd"] and ax.get_title() == "kd"
     assert integer_epochs(ax)
     assert sorted({x for line in ax.get_lines() for x in line.get_xdata()}) == [1, 2, 3]
+    kd = next(line for line in ax.get_lines() if line.get_label() == "kd")
+    assert list(kd.get_ydata()) == [60.5, 65.5, 70.5]  # the mean over the two seeds
 
 
 def test_comparison_figures_render(tmp_path):
