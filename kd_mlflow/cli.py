@@ -73,6 +73,9 @@ def _fail(exc: Exception) -> None:
         if _from_mlflow_client(exc):  # MLflow's texts can run on with a response body: its first line
             text = f"{type(exc).__name__}: {(text.splitlines() or [''])[0]}"
         click.echo(f"error: {redact(text)}", err=True)
+        from .tracking import record_failure
+
+        record_failure(text)  # under `mlflow run`: the reason on the run the launcher made
     else:
         import time
 

@@ -169,3 +169,25 @@ def test_missing_dataset_without_network_names_the_fix(workdir):
     # CIFAR-10 is not on this machine and nothing can be downloaded here: a clear error.
     result = invoke(["train", "nokd", "--dataset", "cifar10", "--data-dir", str(workdir / "empty"), *TINY])
     assert_clean_error(result, "dataset cifar10 is not on this machine", "data_dir")
+
+
+def test_a_run_that_fails_mid_way_records_its_reason(tmp_path, monkeypatch, own_tracking_uri):
+    """An exception inside an open run ends it FAILED with the reason where the UI shows it
+    (the description and the tag kd_mlflow.error), beside error/traceback.txt."""
+    import mlflow
+
+    from kd_mlflow.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    own_tracking_uri(uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError):
+        with start_run({"experiment": "fails"}, {"mode": "kd"}, run_name="fails") as tracker:
+            run_id = tracker.run_id
+            raise RuntimeError("the loss became NaN at epoch 3\nsecond line")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kd_mlflow.error"] == "RuntimeError: the loss became NaN at epoch 3"
+    assert run.data.tags["mlflow.note.content"] == "**Failed:** RuntimeError: the loss became NaN at epoch 3"

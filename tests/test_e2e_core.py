@@ -120,3 +120,19 @@ def test_mode_entry_point(mode, terms, precision, teacher_run, mlflow_server):
     assert (correct, n) == (int(metrics["test_correct"]), int(metrics["test_images"])) == (correct, TINY["test_subset"])
     assert metrics["test_acc"] == 100.0 * correct / n
     assert 0 <= int(metrics["test_correct_last"]) <= n
+
+
+def test_a_run_that_fails_on_bad_input_says_why_in_mlflow(mlflow_server):
+    """`mlflow run` creates the run before kd-mlflow reads its parameters: a refused one
+    ends that run FAILED with the one-line reason as its description and a tag, not a
+    bare FAILED."""
+    experiment = unique_experiment("bad-input")
+    proc = mlflow_run("kd", mlflow_server, experiment, {**TINY, "epochs": 0}, check=False)
+    assert proc.returncode != 0
+    assert "epochs must be >= 1" in proc.stderr
+    client, runs = runs_of(mlflow_server, experiment)
+    (run,) = runs
+    assert run.info.status == "FAILED"
+    assert "epochs must be >= 1" in run.data.tags["kd_mlflow.error"]
+    assert run.data.tags["mlflow.note.content"].startswith("**Failed:** ")
+    assert "epochs must be >= 1" in run.data.tags["mlflow.note.content"]

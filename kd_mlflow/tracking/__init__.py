@@ -48,7 +48,8 @@ from .lifecycle import (
 )
 from .offline import OFFLINE_ROOT
 from .resume import resumable_run
-from .tracker import SYSTEM_METRICS_INTERVAL, MlflowTracker, NullTracker, dataset_inputs, pip_requirements
+from .tracker import (SYSTEM_METRICS_INTERVAL, MlflowTracker, NullTracker, dataset_inputs, pip_requirements,
+                      record_failure)
 
 # The pieces the buffer tests build by hand (tests/test_tracking_buffer.py).
 from .health import _Link  # noqa: F401,E402
@@ -58,6 +59,6 @@ from .offline import _Offline  # noqa: F401,E402
 __all__ = [
     "DEFAULT_EXPERIMENT", "HEARTBEAT_SECONDS", "HEARTBEAT_TAG", "OFFLINE_ROOT", "SYSTEM_METRICS_INTERVAL",
     "MlflowTracker", "NullTracker", "check_launcher_experiment", "check_tracking_server", "code_version", "dataset_inputs",
-    "git_commit", "is_mlflow_generated_name", "outage_wait_seconds", "pip_requirements", "redact",
+    "git_commit", "is_mlflow_generated_name", "record_failure", "outage_wait_seconds", "pip_requirements", "redact",
     "resumable_run", "server_up", "shown_registry_uri", "shown_tracking_uri", "start_run",
 ]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from .health import _Link, _no_http_retries, _say, redact
+from .health import _Link, _no_http_retries, _say, redact, server_up
 from .metrics import _MetricBuffer, _OfflineMetrics
 from .offline import _Offline
 
@@ -366,6 +367,31 @@ class MlflowTracker:
         return saved
 
 
+FAILURE_TAG = "kd_mlflow.error"
+
+
+def record_failure(message: str, run_id: str | None = None) -> None:
+    """Put a failed run's one-line reason where the MLflow UI shows it: the run's
+    description (``mlflow.note.content``) and the tag ``kd_mlflow.error``. For a run that
+    ``mlflow run`` created and that failed before kd-mlflow opened it (bad input), the run
+    is MLFLOW_RUN_ID's. Best effort, and never a wait: nothing is sent to a server that
+    does not answer its health check (that failure is itself the reason)."""
+    import mlflow
+
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        if not server_up(mlflow.get_tracking_uri()):
+            return
+        client = mlflow.MlflowClient()
+        line = redact(message.strip().splitlines()[0] if message.strip() else "failed")[:500]
+        client.set_tag(run_id, FAILURE_TAG, line)
+        client.set_tag(run_id, "mlflow.note.content", f"**Failed:** {line}")
+    except Exception:
+        pass
+
+
 @contextlib.contextmanager
 def _lifecycle(tracker: MlflowTracker):
     """End the active run (the one ``tracker`` logs to) with the status its body earned:
@@ -384,6 +410,8 @@ def _lifecycle(tracker: MlflowTracker):
         status = "KILLED" if isinstance(exc, SystemExit) and exc.code not in (0, None) else "FAILED"
         with contextlib.suppress(Exception):
             tracker.log_text(redact(traceback.format_exc()), "error/traceback.txt")  # readable by all the server's users
+        if status == "FAILED" and tracker.run_id:
+            record_failure(f"{type(exc).__name__}: {exc}", tracker.run_id)
         raise
     finally:
         tracker.close(status)
