@@ -295,8 +295,8 @@ def _train_in_workers(pending, total: int, parent_run_id: str, register: bool, j
     the device (one GPU: small students leave most of it idle). Each cell runs with its
     own ``threads`` parameter, never a share worked out from ``jobs``: a CPU cell's numbers
     depend on its thread count, and must not depend on how many cells ran beside it (give
-    cells one thread each with ``--threads 1`` when they should not share cores). Cells are handed out in order (seed-major), as
-    workers free up. A worker that dies (out of memory, a segfault) fails the cell it
+    cells one thread each with ``--threads 1`` when they should not share cores). Cells are
+    handed out in order (seed-major), as workers free up. A worker that dies (out of memory, a segfault) fails the cell it
     was training, with one line; the other workers take the queued cells. Ctrl-C or
     SIGTERM sends SIGTERM to the workers, so their cells' runs end KILLED, and then stops."""
     import multiprocessing as mp
