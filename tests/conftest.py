@@ -171,6 +171,17 @@ def mlflow_server(tmp_path_factory):
         stop_server(proc)  # before the database is dropped
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_mlflow_run_or_experiment():
+    """mlflow.set_experiment and mlflow run's launcher put MLFLOW_EXPERIMENT_ID (and the
+    others) into os.environ; one left there by an earlier test in the same process points
+    the next test at an experiment of another store ("No Experiment with id=3 exists"),
+    depending on which tests a pytest-xdist worker ran before."""
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(var, None)
+    yield
+
+
 @pytest.fixture()
 def own_tracking_uri():
     """-> a setter for MLflow's process-wide tracking URI that is undone after the test

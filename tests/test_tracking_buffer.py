@@ -57,3 +57,48 @@ def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch, own_
     assert len(client.get_metric_history(run_id, "loss")) == 3000
     assert client.get_run(run_id).data.metrics["test_acc"] == 91.5
     buffer.close()
+
+
+def test_runs_that_log_the_same_new_datasets_at_once_all_get_them(mlflow_server, tmp_path, monkeypatch):
+    """`benchmark --jobs N` starts cells together, and each logs the same Datasets (same
+    name and digest) into one experiment: the server refuses the second insert of a row
+    that another run created a moment before. Real runs on the real test server, started
+    behind a barrier, rounds of fresh datasets until the race has been run often."""
+    import threading
+    import uuid
+
+    import mlflow
+
+    from kd_mlflow.tracking import MlflowTracker, dataset_inputs
+
+    monkeypatch.chdir(tmp_path)  # the trackers' offline directories
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"datasets-race-{uuid.uuid4().hex[:8]}")
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        for round_ in range(5):
+            digest = uuid.uuid4().hex  # new rows every round
+            datasets = [{"name": f"d-{context}", "context": context, "source": "/data", "digest": digest,
+                         "rows": 10, "file": "train", "image": "uint8 1x28x28"} for context in ("train", "test")]
+            runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+            barrier, errors = threading.Barrier(len(runs)), []
+
+            def log(run_id):
+                tracker = MlflowTracker(run_id)
+                barrier.wait()
+                try:
+                    tracker._log_inputs(dataset_inputs(datasets))
+                except Exception as exc:  # noqa: BLE001 (collected and asserted below)
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors, (round_, errors)
+            for run_id in runs:
+                got = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+                assert got == {"d-train", "d-test"}, (round_, run_id)
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -191,8 +191,23 @@ class MlflowTracker:
     def log_datasets(self, datasets: list) -> None:
         """The run's Datasets (data.DataBundle.datasets): train, validation and test."""
         if datasets:
-            self._call("the datasets", lambda: self._client().log_inputs(self.run_id, dataset_inputs(datasets)),
+            self._call("the datasets", lambda: self._log_inputs(dataset_inputs(datasets)),
                        lambda: [self.offline.add("datasets", d) for d in datasets])
+
+    def _log_inputs(self, inputs) -> None:
+        """log_inputs, once more when another run of the experiment created the same dataset
+        at the same moment: the server then refuses the second insert of the (experiment,
+        name, digest) row (seen with `benchmark --jobs 2`, two cells starting together),
+        and the retry links the row that now exists."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(3):
+            try:
+                return self._client().log_inputs(self.run_id, inputs)
+            except MlflowException as exc:
+                if ("UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc)) or attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def log_model(self, model, example, *, registered_name: str | None, checkpoint: Path | None = None,
                   name: str = "model", card: dict | None = None, raw_example=None):
