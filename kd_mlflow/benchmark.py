@@ -380,7 +380,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     BENCHMARK_FIELDS."""
     import mlflow
 
-    from .compare import compare_experiment, counted_runs, log_comparison, provenance_notes, search_all_runs
+    from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
     from .registry import update_champion
     from .tracking import start_run
 
@@ -422,8 +422,6 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
             result.comparison, result.compare_run_id = comparison, tracker.run_id
         parent.set_tags({"compare_run_id": result.compare_run_id})
     echo(comparison.markdown)
-    for note in provenance_notes(comparison.runs):
-        echo(f"note: {note}")
     echo(f"benchmark run {result.run_id} in experiment {experiment!r}: {len(result.trained)} trained, "
          f"{len(result.skipped)} skipped (already finished), {len(result.failed)} failed; "
          f"comparison in run {result.compare_run_id}")

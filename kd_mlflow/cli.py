@@ -262,7 +262,7 @@ def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
     mismatched runs are listed, never averaged."""
     from pathlib import Path
 
-    from .compare import compare_runs_csv, provenance_notes, run_compare, write_comparison
+    from .compare import compare_runs_csv, run_compare, write_comparison
 
     try:
         if runs_csv:
@@ -272,8 +272,6 @@ def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
             if output_dir:
                 write_comparison(comparison, Path(output_dir), figures=True)
             click.echo(comparison.markdown)
-            for note in provenance_notes(comparison.runs):
-                click.echo(f"note: {note}")
             return
         run_compare(experiment, echo=click.echo, output_dir=output_dir)
     except ConfigError as exc:

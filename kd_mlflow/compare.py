@@ -487,6 +487,9 @@ def comparison_markdown(c: Comparison) -> str:
     else:
         lines.append("No comparable runs.")
     lines.append("")
+    notes = provenance_notes(c.runs)
+    if notes:
+        lines += ["### Provenance", "", *[f"- note: {note}" for note in notes], ""]
     if len(c.excluded):
         lines += [f"### Left out ({len(c.excluded)} runs)", "",
                   markdown_table(c.excluded.assign(seed=c.excluded["seed"].map(
@@ -557,12 +560,12 @@ def provenance_notes(runs: pd.DataFrame) -> list[str]:
     notes = []
     if not len(runs):
         return notes
-    for name in PROVENANCE:
+    for name in (n for n in PROVENANCE if n in runs):
         values = sorted({v for v in runs[name] if v})
         if len(values) > 1:
             counts = runs[name].value_counts()
             notes.append(f"the runs differ in {name}: " + ", ".join(f"{v} ({counts[v]} runs)" for v in values))
-    unrecorded = int((runs["code_version"] == "").sum())
+    unrecorded = int((runs["code_version"] == "").sum()) if "code_version" in runs else len(runs)
     if unrecorded:
         notes.append(f"{unrecorded} run(s) record no code_version (logged before runs recorded it)")
     return notes
@@ -621,7 +624,5 @@ def run_compare(experiment: str = "", *, echo=print, output_dir: str = "") -> Co
         if output_dir:
             write_comparison(comparison, Path(output_dir), figures=True)
         echo(comparison.markdown)
-        for note in provenance_notes(comparison.runs):
-            echo(f"note: {note}")
         echo(f"compare run {tracker.run_id} (compared experiment {comparison.experiment!r})")
     return comparison

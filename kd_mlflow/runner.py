@@ -262,7 +262,7 @@ def run(cfg: Config, tracker_factory=None):
             return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
 
 
-def provenance(rt: Runtime) -> dict:
+def provenance() -> dict:
     """Tags that say what a run's numbers depend on besides its params and seed: the code,
     torch, the CPU's kernels, and the threads it really ran with."""
     from .tracking import code_version
@@ -303,7 +303,7 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
             "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-            "world_size": str(distributed.world_size()), **provenance(rt)}
+            "world_size": str(distributed.world_size()), **provenance()}
     extra = {"run_id": resume_run} if resume_run else {}
     with _terminate_on_sigterm() as sigterm, \
             _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
