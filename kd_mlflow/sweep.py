@@ -76,55 +76,45 @@ def sweep_table(rows: list[dict], param: str):
     return table
 
 
-def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str = "", echo=print,
+def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str = "", echo=print, opts=None,
               **common) -> SweepResult:
-    """Train ``mode`` for every value of ``param`` x ``seeds`` as nested runs; -> the table."""
+    """Train ``mode`` for every value of ``param`` x ``seeds`` as nested runs (through the
+    execution layer, ``opts``: in this process or on Ray); -> the table."""
     import mlflow
 
-    from .benchmark import BENCHMARK_FIELDS, _pair_factory, finished_run_for, precheck, run_cell
+    from .benchmark import BENCHMARK_FIELDS, BenchmarkResult, precheck, train_pairs
     from .compare import counted_runs, markdown_table, search_all_runs
+    from .execution import Options, check_options
     from .tracking import start_run
 
     unknown = set(common) - set(BENCHMARK_FIELDS)
     if unknown:
         raise ConfigError(f"sweep does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    opts = opts or Options()
+    check_options(opts)
     configs = plan_sweep(mode, param, values, seeds, common)
     precheck(configs[:1])
     base = configs[0]
     params = {"sweep_mode": mode, "sweep_param": param, "sweep_values": values, "seeds": int(seeds),
+              "jobs": opts.jobs, **opts.params(),
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k in MODES[mode].fields}}
     tags = {"mode": "sweep", "dataset": base.dataset, "student": base.student, "sweep_mode": mode,
             "sweep_param": param}
     client = mlflow.MlflowClient()
-    rows = []
     with start_run(params, tags, run_name=f"sweep-{mode}-{param}") as parent:
         experiment_id = client.get_run(parent.run_id).info.experiment_id
         result = SweepResult(parent.run_id, client.get_experiment(experiment_id).name)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
-        for i, cfg in enumerate(configs, start=1):
-            value = getattr(cfg, param)
-            label = f"[{i}/{len(configs)}] {mode} {param}={value} seed {cfg.seed}"
-            done = finished_run_for(existing, cfg)
-            if done is not None:
-                metrics = done.data.metrics
-                result.skipped += 1
-                echo(f"{label}: skipped, finished as run {done.info.run_id}")
-            else:
-                echo(f"{label}: training")
-                factory = _pair_factory(parent, f"{mode}-{param}{value}-seed{cfg.seed}",
-                                        {"sweep_run_id": parent.run_id, "seed": str(cfg.seed)}, False)
-                res, message = run_cell(cfg, factory)
-                if res is None:
-                    result.failed.append(f"{param}={value} seed {cfg.seed}: {message}")
-                    echo(f"{label}: FAILED ({message})")
-                    continue
-                result.trained += 1
-                metrics = {"test_acc": res.test_acc, "test_acc_last": res.test_acc_last,
-                           "best_val_acc": res.best_val_acc}
-                echo(f"{label}: val {res.best_val_acc:.2f}% test {res.test_acc:.2f}% (run {res.run_id})")
-            rows.append({"value": value, "seed": cfg.seed, "test_acc": metrics.get("test_acc", math.nan),
-                         "test_acc_last": metrics.get("test_acc_last", math.nan),
-                         "best_val_acc": metrics.get("best_val_acc", math.nan)})
+        pairs = BenchmarkResult(parent.run_id, result.experiment)
+        train_pairs(configs, parent.run_id, pairs, existing=existing, echo=echo, opts=opts, kind="sweep",
+                    name=lambda cfg: f"{mode}-{param}{getattr(cfg, param)}-seed{cfg.seed}",
+                    tags=lambda cfg: {"sweep_run_id": parent.run_id, "seed": str(cfg.seed)})
+        result.trained, result.skipped = len(pairs.trained), len(pairs.skipped)
+        result.failed = [f"{param}={getattr(p.cfg, param)} seed {p.seed}: {p.error}" for p in pairs.failed]
+        done = sorted(pairs.trained + pairs.skipped, key=lambda p: configs.index(p.cfg))
+        rows = [{"value": getattr(p.cfg, param), "seed": p.seed,
+                 **{k: p.metrics.get(k, math.nan) for k in ("test_acc", "test_acc_last", "best_val_acc")}}
+                for p in done]
         if rows:
             result.table = sweep_table(rows, param)
             parent.log_dict(result.table.to_dict(orient="records"), "sweep.json")

@@ -35,6 +35,7 @@ from .health import (
     server_up,
     shown_registry_uri,
     shown_tracking_uri,
+    worker_environment,
 )
 from .lifecycle import (
     DEFAULT_EXPERIMENT,
@@ -47,7 +48,8 @@ from .lifecycle import (
     start_run,
 )
 from .offline import OFFLINE_ROOT
-from .resume import resumable_run
+from .resume import (CELL_TAG, kill_unfinished_children, mark_pruned, resumable_run, run_summary,
+                     unfinished_cell_runs)
 from .tracker import (SYSTEM_METRICS_INTERVAL, MlflowTracker, NullTracker, dataset_inputs, pip_requirements,
                       record_failure)
 
@@ -57,8 +59,9 @@ from .metrics import _MetricBuffer  # noqa: F401,E402
 from .offline import _Offline  # noqa: F401,E402
 
 __all__ = [
+    "CELL_TAG", "kill_unfinished_children", "mark_pruned", "run_summary", "unfinished_cell_runs",
     "DEFAULT_EXPERIMENT", "HEARTBEAT_SECONDS", "HEARTBEAT_TAG", "OFFLINE_ROOT", "SYSTEM_METRICS_INTERVAL",
     "MlflowTracker", "NullTracker", "check_launcher_experiment", "check_tracking_server", "code_version", "dataset_inputs",
     "git_commit", "is_mlflow_generated_name", "record_failure", "outage_wait_seconds", "pip_requirements", "redact",
-    "resumable_run", "server_up", "shown_registry_uri", "shown_tracking_uri", "start_run",
+    "resumable_run", "server_up", "shown_registry_uri", "shown_tracking_uri", "start_run", "worker_environment",
 ]

@@ -36,6 +36,27 @@ def shown_tracking_uri() -> str:
     return redact(mlflow.get_tracking_uri())
 
 
+def worker_environment() -> dict:
+    """What a worker on another process or node needs to reach this tracking store: the
+    URI (a relative SQLite path made absolute) and MLflow's credential variables. Passed
+    to the worker's task, never logged or shown."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    env = {"MLFLOW_TRACKING_URI": uri}
+    registry = mlflow.get_registry_uri()
+    if registry and registry != mlflow.get_tracking_uri():
+        env["MLFLOW_REGISTRY_URI"] = registry
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_EXPERIMENT_NAME",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "KD_TRACKING_OUTAGE_WAIT"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
 def shown_registry_uri() -> str:
     """The current registry URI as messages show it (password masked)."""
     import mlflow

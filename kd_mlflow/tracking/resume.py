@@ -57,3 +57,56 @@ def resumable_run(params: dict, resume: str, has_checkpoint) -> str:
         raise ConfigError(f"run {resume} has no epoch checkpoint in ./runs/{resume}/last.pt; resume from the "
                           f"directory the run was started in (it finished no epoch if the file never existed)")
     return resume
+
+
+CELL_TAG = "kd_mlflow.cell"  # a multi-run job's cell: '<parent kind>:<cell name>' (execution/)
+
+
+def unfinished_cell_runs(parent_run_id: str, cell: str) -> list:
+    """The runs of ``cell`` in the experiment of ``parent_run_id`` that did not finish
+    (RUNNING after a lost worker or node, KILLED by a signal), the newest first: the
+    candidates a retried or re-run cell continues instead of starting a second run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    value = cell.replace("'", "\\'")
+    return client.search_runs([experiment_id],
+                              filter_string=f"tags.`{CELL_TAG}` = '{value}' and attributes.status != 'FINISHED' "
+                                            f"and attributes.status != 'FAILED'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+
+
+def kill_unfinished_children(parent_run_id: str) -> list[str]:
+    """Mark KILLED every child of ``parent_run_id`` still RUNNING (cells whose worker was
+    stopped before it could say so) -> their run ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                             f"and attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in runs]
+
+
+def run_summary(run_id: str) -> dict:
+    """A run's status and its selection and test numbers (best_val_acc, test_acc), for a
+    job that reads back what its cells logged."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    return {"status": run.info.status, **{k: run.data.metrics[k] for k in ("best_val_acc", "test_acc")
+                                          if k in run.data.metrics}}
+
+
+def mark_pruned(run_id: str, epoch: int, tag: str = "kd_mlflow.pruned_at_epoch") -> None:
+    """A trial that early stopping ended after ``epoch`` epochs: KILLED, tagged and noted."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, tag, str(epoch))
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"Pruned by ASHA after epoch {epoch}: its validation accuracy was below the rung's median.")
+    client.set_terminated(run_id, "KILLED")

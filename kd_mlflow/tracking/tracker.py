@@ -298,8 +298,10 @@ class MlflowTracker:
                                                                      "card": card}))
 
     @contextlib.contextmanager
-    def child(self, name: str, tags: dict | None = None):
-        """A nested run under this one. Created explicitly with its parent id: under
+    def child(self, name: str, tags: dict | None = None, run_id: str | None = None):
+        """A nested run under this one (``run_id``: an unfinished child continued, e.g. a
+        cell retried after its worker was lost; it is re-parented here when an earlier
+        job started it). Created explicitly with its parent id: under
         `mlflow run`, MLFLOW_RUN_ID is set, and a plain start_run(nested=True) would
         resume the parent itself instead of opening a child.
 
@@ -315,6 +317,18 @@ class MlflowTracker:
             return client.create_run(experiment_id, run_name=name,
                                      tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id})
 
+        if run_id is not None:
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.run_id)
+            for key, value in (tags or {}).items():
+                client.set_tag(run_id, key, str(value))
+            mlflow.start_run(run_id=run_id, nested=True)
+            child = MlflowTracker(run_id)
+            child.offline.record.update(experiment_name=self.offline.record["experiment_name"],
+                                        parent_run_id=self.run_id)
+            with _lifecycle(child) as tracker:
+                yield tracker
+            return
         done, created = self._reach(create, f"the nested run {name!r}")
         if done:
             mlflow.start_run(run_id=created.info.run_id, nested=True)
