@@ -278,13 +278,15 @@ def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
         _fail(exc)
 
 
-def _common_run_options(fn, skip=()):
+def _common_run_options(fn, skip=(), seeds=True):
     """The benchmark's shared Config options and --seeds (a benchmark and a sweep take both)."""
     from .benchmark import BENCHMARK_FIELDS
 
     for name in reversed(BENCHMARK_FIELDS):
         if name not in skip:
             fn = _option(name)(fn)
+    if not seeds:
+        return fn
     return click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
 
 
@@ -294,32 +296,55 @@ def _benchmark_options(fn):
                       help="1 = register every student (and move the champion alias); 0 = log models only.")(fn)
     fn = click.option("--modes", default="all", show_default=True,
                       help=f"Comma-separated modes, or all ({', '.join(DISTILLATION_MODES)}).")(fn)
-    fn = click.option("--jobs", type=int, default=1, show_default=True,
-                      help="Train this many (mode, seed) cells at once, each in its own process on the same "
-                           "device (a big GPU: small students leave it mostly idle). Each cell keeps its --threads "
-                           "(0 = all cores): on a CPU, --threads 1 --jobs N shares N cores out.")(fn)
+    return _execution_options(fn)
+
+
+def _execution_options(fn):
+    """--jobs, --ray-address, --cpus-per-cell, --gpus-per-cell, --storage (execution.OPTIONS)."""
+    from .execution import OPTIONS
+
+    for name, (kind, default, text) in reversed(OPTIONS.items()):
+        dashed = name.replace("_", "-")
+        names = (f"--{dashed}", f"--{name}") if dashed != name else (f"--{name}",)
+        fn = click.option(*names, name, type=kind, default=default, show_default=True, help=text)(fn)
     return fn
 
 
-@main.command(name="benchmark")
-@_benchmark_options
-def benchmark_command(modes: str, seeds: int, register: int, jobs: int, **values) -> None:
-    """Train modes x seeds as nested runs of one experiment, then compare them. Pairs
-    already FINISHED with the same settings in the experiment are skipped (resume).
-    Mode-specific parameters take each mode's defaults; multikd runs only with --ensemble."""
-    from .benchmark import run_benchmark
-
+def _run_job(what: str, job):
+    """``job()`` of a multi-run command -> its result; bad input is one line (exit 2), and
+    SIGTERM or Ctrl-C says what happened to the runs and exits 143 or 130."""
     try:
-        result = run_benchmark(modes, seeds, register=bool(register), echo=click.echo, jobs=jobs, **values)
+        return job()
     except ConfigError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
         from .distributed import Terminated
 
-        click.echo(f"stopped by {'SIGTERM' if isinstance(exc, Terminated) else 'interrupt'}: the benchmark's run "
-                   f"and the cells in training are marked KILLED; the same command resumes it (finished cells "
-                   f"are skipped)", err=True)
+        click.echo(f"stopped by {'SIGTERM' if isinstance(exc, Terminated) else 'interrupt'}: the {what}'s run and "
+                   f"its cells in training are marked KILLED; the same command continues it (finished cells are "
+                   f"skipped, stopped ones resume from their last epoch)", err=True)
         sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+def _execution(values: dict):
+    """The execution.Options in a command's keyword arguments (taken out of them)."""
+    from .execution import OPTIONS, Options
+
+    return Options(**{name: values.pop(name) for name in OPTIONS})
+
+
+@main.command(name="benchmark")
+@_benchmark_options
+def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
+    """Train modes x seeds as nested runs of one experiment, then compare them. Pairs
+    already FINISHED with the same settings in the experiment are skipped (resume).
+    Mode-specific parameters take each mode's defaults; multikd runs only with --ensemble."""
+    from .benchmark import run_benchmark
+
+    opts = _execution(values)
+    result = _run_job("benchmark", lambda: run_benchmark(
+        modes, seeds, register=bool(register), echo=click.echo, jobs=opts.jobs, ray_address=opts.ray_address,
+        cpus_per_cell=opts.cpus_per_cell, gpus_per_cell=opts.gpus_per_cell, storage=opts.storage, **values))
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
     if result.failed:
@@ -332,19 +357,52 @@ def benchmark_command(modes: str, seeds: int, register: int, jobs: int, **values
 @click.option("--values", "grid", required=True, help="Comma-separated values, e.g. 1,10,100.")
 @click.option("--output", default="", help="Also write the per-value table to this CSV file.")
 @functools.partial(_common_run_options, skip=("ensemble", "teachers", "temperatures", "alphas"))
+@_execution_options
 def sweep_command(mode: str, param: str, grid: str, output: str, seeds: int, **values) -> None:
     """Train MODE for every value of one of its parameters x seeds, as nested runs of one
     parent, and print a table per value (the value with the best mean val_acc is selected;
     test_acc is shown, never used to choose). Finished cells are skipped (resume)."""
     from .sweep import run_sweep
 
-    try:
-        result = run_sweep(mode, param, grid, seeds, output=output, echo=click.echo, **values)
-    except ConfigError as exc:
-        _fail(exc)
+    opts = _execution(values)
+    result = _run_job("sweep", lambda: run_sweep(mode, param, grid, seeds, output=output, echo=click.echo,
+                                                 opts=opts, **values))
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
     if result.failed:
         sys.exit(1)
+
+
+@main.command(name="tune")
+@click.argument("mode")
+@click.option("--space", multiple=True, help="NAME=KIND:ARGS, once per searched parameter (or several in one "
+              "value, separated by spaces); KIND: uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, "
+              "choice:A,B,C. E.g. --space temperature=loguniform:1:16 --space alpha=uniform:0.5:1.")
+@click.option("--trials", type=int, default=8, show_default=True, help="Trials to run (the first: the defaults).")
+@click.option("--metric", default="val_acc", show_default=True, help="What selects: val_acc or val_loss "
+              "(never a test number).")
+@click.option("--grace-epochs", "--grace_epochs", "grace_epochs", type=int, default=1, show_default=True,
+              help="Epochs every trial trains before ASHA may stop it (then at 2x, 4x, ... below the last).")
+@click.option("--search-seed", "--search_seed", "search_seed", type=int, default=0, show_default=True,
+              help="Seed of Optuna's TPE sampler.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The trials' training seed (a selection "
+              "seed: confirm the winner on other seeds).")
+@functools.partial(_common_run_options, skip=("ensemble", "teachers", "temperatures", "alphas"), seeds=False)
+@_execution_options
+def tune_command(mode: str, space: tuple, trials: int, metric: str, grace_epochs: int, search_seed: int, seed: int,
+                 **values) -> None:
+    """Search MODE's parameters with Optuna (TPE) on Ray Tune, stopping weak trials early
+    (ASHA on per-epoch val_acc). Every trial is a nested MLflow run; the tune run logs the
+    best completed trial's parameters, val_acc and (for it alone) test_acc, and figures."""
+    try:
+        from .execution.tune import run_tune
+    except ImportError as exc:
+        _fail(ConfigError(f"tune needs Ray Tune and Optuna ({exc.name} is missing): pip install "
+                          f"'ray[tune]==2.60.0' optuna==5.1.0"))
+    specs = [part for value in space for part in value.split()]
+    opts = _execution(values)
+    _run_job("tune", lambda: run_tune(mode, specs, trials, metric, grace_epochs, search_seed, seed, opts=opts,
+                                      echo=click.echo, **values))
+    click.echo(f"  tracking URI  {shown_tracking_uri()}")
 
 
 @main.command(name="sync")

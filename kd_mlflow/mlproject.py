@@ -36,7 +36,7 @@ def _entry(name: str, mode: str, command_prefix: str, fields, extra: dict | None
         p = Config.parameter(field_name, mode)
         mtype = "float" if p.type in ("int", "float") else "string"
         lines.append(f"      {field_name}: {{type: {mtype}, default: {_yaml_scalar(p.default)}}}")
-    args = " ".join(f"--{n} {{{n}}}" for n in (*(extra or {}), *fields))
+    args = " ".join(f"--{n} {{{n}}}" for n in (*(extra or {}), *fields) if f"{{{n}}}" not in command_prefix)
     lines.append(f'    command: "python entry_points/run.py {command_prefix} {args}"')
     return "\n".join(lines) + "\n"
 
@@ -53,7 +53,14 @@ def render_mlproject() -> str:
     parts.append(_entry("compare", "kd", "compare", (), {"experiment": ("string", "")}))
     from .benchmark import BENCHMARK_FIELDS
 
+    from .execution import OPTIONS
+
+    execution = {name: ("string" if kind is str else "float", default) for name, (kind, default, _) in OPTIONS.items()}
     parts.append(_entry("benchmark", "kd", "benchmark", BENCHMARK_FIELDS,
-                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0),
-                         "jobs": ("float", 1)}))
+                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0), **execution}))
+    tune_fields = [f for f in BENCHMARK_FIELDS if f not in ("ensemble", "teachers", "temperatures", "alphas")]
+    parts.append(_entry("tune", "kd", "tune {mode}", tune_fields,
+                        {"mode": ("string", "kd"), "space": ("string", "temperature=loguniform:1:16 alpha=uniform:0.5:1"),
+                         "trials": ("float", 8), "metric": ("string", "val_acc"), "grace_epochs": ("float", 1),
+                         "search_seed": ("float", 0), "seed": ("float", 0), **execution}))
     return "\n".join(parts)

@@ -313,3 +313,73 @@ def val_acc_curves(histories: pd.DataFrame, title: str = ""):
     fig.suptitle(_wrapped((title or "validation accuracy by mode") + ": mean ± 1 std over seeds",
                           0.95 * fig.get_figwidth(), "figure.titlesize"))
     return fig
+
+
+_TRIAL_STYLE = {"completed": ("o", "tab:blue"), "pruned": ("X", "tab:orange"), "failed": ("s", "tab:red")}
+
+
+def tune_history(rows: list[dict], title: str = ""):
+    """A search's history: each trial's best validation accuracy in the order trials
+    started (pruned ones at the epoch ASHA stopped them), and the best completed so far."""
+    df = pd.DataFrame(rows)
+    df = df[df["best_val_acc"].notna()]
+    fig, ax = _figure((7.5, 5.0))
+    for status, (marker, color) in _TRIAL_STYLE.items():
+        part = df[df["status"] == status]
+        if len(part):
+            label = status if status != "pruned" else "pruned (best val_acc before it was stopped)"
+            ax.scatter(part["trial"], part["best_val_acc"], marker=marker, s=60, color=color, label=label, zorder=3)
+    done = df[df["status"] == "completed"].sort_values("trial")
+    if len(done):  # carried on to the last trial: what the search had found by then
+        best = done["best_val_acc"].cummax().tolist()
+        ax.step([*done["trial"], df["trial"].max()], [*best, best[-1]], where="post", color="tab:green", lw=2,
+                label="best completed so far", zorder=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial (in the order it started)")
+    ax.set_ylabel("best val_acc (%)")
+    ax.set_ylim(*accuracy_axis_range(df["best_val_acc"].tolist()))
+    fig.legend(loc="outside lower center", ncols=3, fontsize="small")
+    _set_title(ax, (title or "search") + ": selection on validation accuracy only")
+    return fig
+
+
+def tune_parameters(rows: list[dict], dims, title: str = ""):
+    """Best validation accuracy against each searched parameter, one panel per parameter
+    (log axis for loguniform ones); the selected trial is circled."""
+    df = pd.DataFrame(rows)
+    df = df[df["best_val_acc"].notna()].copy()
+    fig, axes = _figure((4.2 * len(dims) + 0.8, 4.8), ncols=len(dims))
+    axes = np.atleast_1d(axes)
+    done = df[df["status"] == "completed"]
+    best = done.loc[done["best_val_acc"].idxmax()] if len(done) else None
+    low, high = accuracy_axis_range(df["best_val_acc"].tolist())
+    for ax, dim in zip(axes, dims):
+        values = df["params"].map(lambda p, name=dim.name: p[name])
+        for status, (marker, color) in _TRIAL_STYLE.items():
+            mask = df["status"] == status
+            if mask.any():
+                ax.scatter(values[mask].map(_numeric), df.loc[mask, "best_val_acc"], marker=marker, s=60, color=color,
+                           label=status, zorder=3)
+        if best is not None:
+            ax.scatter([_numeric(best["params"][dim.name])], [best["best_val_acc"]], s=260, facecolors="none",
+                       edgecolors="tab:green", lw=2, label="selected", zorder=4)
+        if dim.log_scale():
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if dim.kind != "choice":  # the whole searched range, so that where trials fell shows
+            lo, hi = dim.values
+            pad = (hi / lo) ** 0.04 if dim.log_scale() else 0.04 * (hi - lo)
+            ax.set_xlim(*((lo / pad, hi * pad) if dim.log_scale() else (lo - pad, hi + pad)))
+        ax.set_xlabel(f"{dim.name} ({dim.kind})")
+        ax.set_ylabel("best val_acc (%)")
+        ax.set_ylim(low, high)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+    fig.suptitle(_wrapped(title or "search", 0.9 * fig.get_figwidth(), "axes.titlesize"))
+    return fig
+
+
+def _numeric(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)

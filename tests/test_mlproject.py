@@ -26,7 +26,7 @@ def test_every_mode_is_an_entry_point_with_its_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     entry = spec["entry_points"]
     assert set(PAPER) <= set(DISTILLATION)
-    assert set(DISTILLATION) | {"teacher", "main", "compare", "benchmark"} == set(entry)
+    assert set(DISTILLATION) | {"teacher", "main", "compare", "benchmark", "tune"} == set(entry)
     for name in DISTILLATION:
         params = entry[name]["parameters"]
         for common in ("dataset", "student", "epochs", "batch_size", "lr", "seed", "train_subset", "device", "data_dir"):
