@@ -169,8 +169,16 @@ def build_optimizer(params, cfg: Config, device: torch.device | None = None):
     # bit-exact resume tests pin.
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, **fused)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay, **fused)
+        if fused and cfg.momentum > 0:
+            # The fused kernel refuses a step where some parameters have a momentum buffer and
+            # others not yet (ab: its first phase leaves the classifier without gradients). A
+            # zero buffer is the same first step (dampening 0: momentum * 0 + grad = grad).
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return opt
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 

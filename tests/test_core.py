@@ -137,3 +137,29 @@ def test_teacher_stays_frozen_in_eval_mode(tmp_path, monkeypatch):
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), f"teacher {k} changed (BN statistics must not update)"
     assert set(map(id, d.trainable_parameters())) == set(map(id, d.student.parameters()))
+
+
+def test_the_gpu_optimizer_steps_when_a_phase_leaves_parameters_without_gradients():
+    """ab's first phase leaves the classifier without gradients; the fused SGD that CUDA
+    runs refused the next phase's step ("expected Tensor as element 27 in argument 2", seen
+    on an H200). The fused kernel also runs on CPU, so the CUDA path is built here with a
+    CUDA device named (no GPU used) and checked against the for-each SGD, step for step."""
+    from kd_mlflow.trainer import build_optimizer
+
+    cfg = Config.for_mode("ab")
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    grads = [[torch.randn_like(start[0]), None], [torch.randn_like(start[0]), torch.randn_like(start[1])],
+             [torch.randn_like(start[0]), torch.randn_like(start[1])]]
+    results = []
+    for device in (torch.device("cuda"), torch.device("cpu")):  # fused, then for-each
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build_optimizer(params, cfg, device)
+        assert opt.defaults.get("fused") is (True if device.type == "cuda" else None)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for fused, foreach in zip(*results):
+        assert torch.allclose(fused, foreach, rtol=1e-12, atol=0)
