@@ -155,12 +155,12 @@ def child_run(parent, name: str, params: dict, tags: dict, *, register: bool = T
         yield tracker
 
 
-def train_pairs(configs: list[Config], parent_run_id: str, result, *, existing=(), register: bool = False,
+def train_pairs(configs: list[Config], parent, result, *, existing=(), register: bool = False,
                 echo=print, on_registered=None, opts=None, kind: str = "benchmark", name=None, tags=None):
-    """Train each pair of ``configs`` as a run nested under ``parent_run_id``, except those
-    already finished in ``existing`` runs, into ``result``'s trained, skipped and failed
-    lists, through the execution layer (execution/: in this process, or on Ray) -> the
-    teacher cache's counters, added up ({} when teacher_cache is off).
+    """Train each pair of ``configs`` as a run nested under ``parent`` (a tracker), except
+    those already finished in ``existing`` runs, into ``result``'s trained, skipped and
+    failed lists, through the execution layer (execution/: in this process, or on Ray) ->
+    the teacher cache's counters, added up (None when teacher_cache is off).
 
     Pairs run seed-major. The pairs a process trains in turn share its teacher cache: the
     modes of one seed that run the same teacher on the same batches (kd, triplet, dkd,
@@ -169,6 +169,7 @@ def train_pairs(configs: list[Config], parent_run_id: str, result, *, existing=(
     from .execution import Cell, Job, Options, execute
 
     opts = opts or Options()
+    parent_run_id = parent.run_id
     name = name or (lambda cfg: f"{cfg.mode}-seed{cfg.seed}")
     tags = tags or (lambda cfg: {"benchmark_run_id": parent_run_id, "seed": str(cfg.seed)})
     total = len(configs)
@@ -201,8 +202,9 @@ def train_pairs(configs: list[Config], parent_run_id: str, result, *, existing=(
         node = f" on {out.node}" if out.node else ""
         echo(f"{label}: test_acc {out.test_acc:.2f}% (run {out.run_id}{resumed}{node})")
 
-    return execute(cells, Job(parent_run_id, kind, register=register, storage=opts.storage), opts,
-                   on_start=started, on_done=finished, echo=echo)
+    counts = execute(cells, Job(parent_run_id, kind, register=register, storage=opts.storage, parent=parent), opts,
+                     on_start=started, on_done=finished, echo=echo)
+    return counts or None
 
 
 def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, jobs: int = 1,
@@ -245,10 +247,10 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
         experiment = client.get_experiment(experiment_id).name
         result = BenchmarkResult(parent.run_id, experiment, notes=notes)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
-        counts = train_pairs(configs, parent.run_id, result, existing=existing, register=register, echo=echo,
+        counts = train_pairs(configs, parent, result, existing=existing, register=register, echo=echo,
                              on_registered=lambda name: update_champion(client, name), opts=opts)
         parent.log_metrics({"pairs_trained": len(result.trained), "pairs_skipped": len(result.skipped),
-                            "pairs_failed": len(result.failed), **counts})
+                            "pairs_failed": len(result.failed), **(counts or {})})
         if result.failed:
             parent.set_tags({"failed_pairs": ", ".join(f"{p.mode}/seed{p.seed}" for p in result.failed)})
         with child_run(parent, f"compare-{experiment}", {"compared_experiment": experiment},

@@ -384,12 +384,14 @@ def sweep_command(mode: str, param: str, grid: str, output: str, seeds: int, **v
               help="Epochs every trial trains before ASHA may stop it (then at 2x, 4x, ... below the last).")
 @click.option("--search-seed", "--search_seed", "search_seed", type=int, default=0, show_default=True,
               help="Seed of Optuna's TPE sampler.")
+@click.option("--search", default="tpe", show_default=True, help="tpe: Optuna's TPE with ASHA stopping; grid: "
+              "every combination of the choice values, each trained to the end (kdparam's grid on Ray).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The trials' training seed (a selection "
               "seed: confirm the winner on other seeds).")
 @functools.partial(_common_run_options, skip=("ensemble", "teachers", "temperatures", "alphas"), seeds=False)
 @_execution_options
-def tune_command(mode: str, space: tuple, trials: int, metric: str, grace_epochs: int, search_seed: int, seed: int,
-                 **values) -> None:
+def tune_command(mode: str, space: tuple, trials: int, metric: str, grace_epochs: int, search_seed: int,
+                 search: str, seed: int, **values) -> None:
     """Search MODE's parameters with Optuna (TPE) on Ray Tune, stopping weak trials early
     (ASHA on per-epoch val_acc). Every trial is a nested MLflow run; the tune run logs the
     best completed trial's parameters, val_acc and (for it alone) test_acc, and figures."""
@@ -400,8 +402,8 @@ def tune_command(mode: str, space: tuple, trials: int, metric: str, grace_epochs
                           f"'ray[tune]==2.60.0' optuna==5.1.0"))
     specs = [part for value in space for part in value.split()]
     opts = _execution(values)
-    _run_job("tune", lambda: run_tune(mode, specs, trials, metric, grace_epochs, search_seed, seed, opts=opts,
-                                      echo=click.echo, **values))
+    _run_job("tune", lambda: run_tune(mode, specs, trials, metric, grace_epochs, search_seed, seed, search=search,
+                                      opts=opts, echo=click.echo, **values))
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
 
 

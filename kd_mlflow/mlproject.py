@@ -62,5 +62,6 @@ def render_mlproject() -> str:
     parts.append(_entry("tune", "kd", "tune {mode}", tune_fields,
                         {"mode": ("string", "kd"), "space": ("string", "temperature=loguniform:1:16 alpha=uniform:0.5:1"),
                          "trials": ("float", 8), "metric": ("string", "val_acc"), "grace_epochs": ("float", 1),
-                         "search_seed": ("float", 0), "seed": ("float", 0), **execution}))
+                         "search_seed": ("float", 0), "search": ("string", "tpe"), "seed": ("float", 0),
+                         **execution}))
     return "\n".join(parts)

@@ -16,6 +16,7 @@ import copy
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import teacher_cache
 from .config import Config, ConfigError
@@ -222,27 +223,38 @@ class KDParam(Strategy):
         self.grid(cfg)
 
     def __call__(self, cfg, data, teachers, metas, tracker, rt):
+        """The grid's cells are cells of the execution layer: each is the run `train kd` with
+        its temperature and alpha would make (bit-identical on CPU), nested under this one."""
+        from .execution import Cell, Job, Options, execute
         from .plots import kdparam_heatmap
 
         temperatures, alphas = self.grid(cfg)
         meta = metas[0] if metas else {}
         teacher_arch = meta.get("arch", cfg.teacher)
         source = teacher_source(cfg)
-        rows, results = [], []
         n = len(temperatures) * len(alphas)
-        # One session: the grid cells see the same batches, so the teacher runs for the first cell only.
-        with teacher_cache.session(cfg.teacher_cache) as counts:
-            for t in temperatures:
-                for a in alphas:
-                    k = len(results) + 1
-                    child_cfg = _kd_child_cfg(cfg, temperature=t, alpha=a, teacher=teacher_arch,
-                                              teacher_checkpoint=source)
-                    res = train_child(cfg, child_cfg, HintonKD, data, teachers, tracker, rt,
-                                      run_name=f"kd-T{t:g}-alpha{a:g}", stage=f"{k}/{n} T={t:g} alpha={a:g}",
-                                      teacher=teacher_arch, teacher_meta=meta)
-                    rows.append({"temperature": t, "alpha": a, "best_val_acc": res.best_val_acc,
-                                 "test_acc": res.test_acc, "best_epoch": res.best_epoch, "child_run_id": res.run_id})
-                    results.append(res)
+        cells = []
+        for t in temperatures:
+            for a in alphas:
+                k = len(cells) + 1
+                child_cfg = _kd_child_cfg(cfg, temperature=t, alpha=a, teacher=teacher_arch, teacher_checkpoint=source)
+                cells.append(Cell(k, child_cfg, f"kd-T{t:g}-alpha{a:g}",
+                                  {"parent_mode": cfg.mode, "stage": f"{k}/{n} T={t:g} alpha={a:g}"}))
+        outcomes = {}
+        counts = execute(cells, Job(tracker.run_id, "kdparam", parent=tracker), Options(),
+                         on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
+        failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
+        if failed:
+            raise RuntimeError(f"kdparam: {len(failed)} of {n} cells failed; the first: {failed[0]}")
+        results, rows = [], []
+        for cell in cells:
+            out = outcomes[cell.index]
+            results.append(TrainResult(out.run_id, out.test_acc, out.best_val_acc, out.best_epoch, None, None,
+                                       Path(out.checkpoint), [], out.model_uri, None, out.test_acc_last,
+                                       out.test_correct, out.test_images, out.card))
+            rows.append({"temperature": cell.cfg.temperature, "alpha": cell.cfg.alpha,
+                         "best_val_acc": out.best_val_acc, "test_acc": out.test_acc, "best_epoch": out.best_epoch,
+                         "child_run_id": out.run_id})
 
         best = _best(results)
         for i, row in enumerate(rows):
@@ -252,7 +264,7 @@ class KDParam(Strategy):
         tracker.log_figure(kdparam_heatmap(rows, f"kdparam: {cfg.student} from {teacher_arch} on {cfg.dataset}"),
                            "figures/kdparam_heatmap.png")
         tracker.set_tags({"best_temperature": f"{t_best:g}", "best_alpha": f"{a_best:g}"})
-        summary = {"best_temperature": t_best, "best_alpha": a_best, **_cache_metrics(counts)}
+        summary = {"best_temperature": t_best, "best_alpha": a_best, **counts}
         if "test_acc" in meta:
             summary["teacher_test_acc"] = float(meta["test_acc"])
         return _finish(cfg, tracker, results[best], summary)

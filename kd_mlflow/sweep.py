@@ -106,7 +106,7 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
         result = SweepResult(parent.run_id, client.get_experiment(experiment_id).name)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
         pairs = BenchmarkResult(parent.run_id, result.experiment)
-        train_pairs(configs, parent.run_id, pairs, existing=existing, echo=echo, opts=opts, kind="sweep",
+        train_pairs(configs, parent, pairs, existing=existing, echo=echo, opts=opts, kind="sweep",
                     name=lambda cfg: f"{mode}-{param}{getattr(cfg, param)}-seed{cfg.seed}",
                     tags=lambda cfg: {"sweep_run_id": parent.run_id, "seed": str(cfg.seed)})
         result.trained, result.skipped = len(pairs.trained), len(pairs.skipped)

@@ -1,7 +1,7 @@
 """One number per cell: the same (mode, parameters, seed) gives bit-identical metrics
 whichever path trains it: `kd-mlflow train`, a sweep, the benchmark with the teacher cache
-on and off, and `benchmark --jobs 2`, where the cell trains in a spawned worker process
-beside another cell. All against the real test server.
+on and off, `benchmark --jobs 2`, where the cell trains in a Ray worker beside another
+cell, and kdparam's grid. All against the real test server.
 
 The --jobs path used to give each worker cores // jobs torch threads, and a CPU run's
 numbers change with its thread count (reductions are split across threads): on a 2-core
@@ -58,8 +58,10 @@ def test_a_cell_gives_the_same_numbers_through_every_path(tracking, tmp_path, mo
         "benchmark": ["benchmark", "--modes", "kd", "--seeds", "1", *_options(CELL)],
         "benchmark, no teacher cache": ["benchmark", "--modes", "kd", "--seeds", "1", "--teacher-cache", "false",
                                         *_options(CELL)],
-        # two cells at once, each in a spawned worker process: kd seed 0 and nokd seed 0
+        # two cells at once on a local Ray: kd seed 0 and nokd seed 0
         "benchmark --jobs 2": ["benchmark", "--modes", "kd,nokd", "--seeds", "1", "--jobs", "2", *_options(CELL)],
+        # kdparam's grid of one cell at kd's defaults (T 4, alpha 0.9): its child is that kd run
+        "kdparam": ["train", "kdparam", "--temperatures", "4", "--alphas", "0.9", "--seed", "0", *_options(CELL)],
     }
     cells = {}
     for path, args in paths.items():

@@ -18,7 +18,8 @@ pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 CELL = dict(epochs=3, train_subset=512, val_size=200, test_subset=200, batch_size=64, device="cpu", threads=1)
-TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds"}
+TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
+           "teacher_forwards_reused"}
 
 
 def _options(values: dict) -> list[str]:
@@ -77,6 +78,38 @@ def test_tune_prunes_trials_that_cannot_learn_and_selects_on_validation(tracking
     assert _learned(client, best.info.run_id) == _learned(client, trained.info.run_id)
 
 
+def test_a_grid_on_ray_trains_every_cell_as_train_would(tracking, tmp_path, monkeypatch):
+    """`tune kd --search grid`: kdparam's grid as Ray trials, two at once (one thread each);
+    every combination completes, and a cell has the numbers of `train` at its values."""
+    from mlflow import MlflowClient
+
+    from kd_mlflow.cli import main
+
+    clean_mlflow_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking)
+    cell = dict(CELL, epochs=1, teacher="pretrained:fashion_mnist-resnet20")
+    experiment = unique_experiment("tune-grid")
+    out = CliRunner().invoke(main, ["tune", "kd", "--search", "grid", "--space", "temperature=choice:2,4",
+                                    "--space", "alpha=choice:0.5,0.9", "--jobs", "2", *_options(cell),
+                                    "--experiment", experiment])
+    assert out.exit_code == 0, out.output
+    exp = client.get_experiment_by_name(experiment)
+    [parent] = client.search_runs([exp.experiment_id], "tags.mode = 'tune'")
+    trials = client.search_runs([exp.experiment_id], f"tags.tune_run_id = '{parent.info.run_id}'")
+    assert sorted((r.data.params["temperature"], r.data.params["alpha"]) for r in trials) == [
+        ("2.0", "0.5"), ("2.0", "0.9"), ("4.0", "0.5"), ("4.0", "0.9")]
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert parent.data.metrics["trials_completed"] == 4 and parent.data.metrics["trials_pruned"] == 0
+    [chosen] = [r for r in trials if r.data.params["temperature"] == "2.0" and r.data.params["alpha"] == "0.5"]
+    reference = unique_experiment("tune-grid-reference")
+    again = CliRunner().invoke(main, ["train", "kd", "--temperature", "2", "--alpha", "0.5", "--seed", "0",
+                                      *_options(cell), "--experiment", reference])
+    assert again.exit_code == 0, again.output
+    [trained] = client.search_runs([client.get_experiment_by_name(reference).experiment_id])
+    assert _learned(client, chosen.info.run_id) == _learned(client, trained.info.run_id)
+
+
 @pytest.mark.parametrize("space, message", [
     ("lr=uniform:0.5", "give LOW:HIGH"),
     ("beta=uniform:0:1", "nokd has no parameter 'beta'"),
@@ -85,6 +118,7 @@ def test_tune_prunes_trials_that_cannot_learn_and_selects_on_validation(tracking
     ("batch_size=uniform:32:64", "use int:LOW:HIGH or choice"),
     ("temperature=int:1:4", "nokd has no parameter"),
     ("epochs=int:1:5", "cannot search epochs"),
+    ("lr=uniform:0.1:0.2 --search grid", "is a range: give choice"),
 ])
 def test_tune_refuses_a_bad_space_in_one_line(space, message, tmp_path, monkeypatch):
     from kd_mlflow.cli import main
@@ -92,7 +126,7 @@ def test_tune_refuses_a_bad_space_in_one_line(space, message, tmp_path, monkeypa
     clean_mlflow_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    out = CliRunner().invoke(main, ["tune", "nokd", "--space", space])
+    out = CliRunner().invoke(main, ["tune", "nokd", "--space", *space.split(" ", 1)[:1], *space.split()[1:]])
     assert out.exit_code == 2, out.output
     assert message in out.output and len(out.output.strip().splitlines()) == 1, out.output
     assert not (tmp_path / "mlflow.db").exists()

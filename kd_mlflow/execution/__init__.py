@@ -59,6 +59,13 @@ class Outcome:
     resumed: str = ""  # the unfinished run it continued, if any
     counts: dict = field(default_factory=dict)  # teacher cache counters of this cell
     node: str = ""
+    # what a strategy needs to register the cell it selects (kdparam's grid)
+    best_epoch: int | None = None
+    test_correct: int | None = None
+    test_images: int | None = None
+    model_uri: str | None = None
+    card: dict | None = None
+    checkpoint: str = ""
 
 
 # The command-line options of every multi-run command: name -> (type, default, help).
@@ -180,6 +187,7 @@ class Job:
     register: bool = False
     storage: str = ""
     workdir: str = ""  # the driver's working directory (pretrained/, relative paths)
+    parent: object = None  # the parent's tracker, for cells trained in this process (never sent to Ray)
 
 
 def run_cell_here(cell: Cell, job: Job, wrap=None) -> Outcome:
@@ -201,11 +209,13 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
     from .. import runner
     from ..tracking import CELL_TAG, MlflowTracker, code_version, redact, unfinished_cell_runs
 
-    parent = MlflowTracker(job.parent_run_id)
+    parent = job.parent if job.parent is not None else MlflowTracker(job.parent_run_id)
     key = cell.key(job.kind)
     cfg = cell.cfg
     resumed = ""
-    for run in unfinished_cell_runs(job.parent_run_id, key):
+    tracked = isinstance(getattr(parent, "_inner", parent), MlflowTracker) and not parent.offline.record.get(
+        "created_offline")
+    for run in unfinished_cell_runs(job.parent_run_id, key) if tracked else []:
         if (run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg)
                 and (runner.RUNS_DIR / run.info.run_id / "last.pt").is_file()):
             resumed = run.info.run_id
@@ -228,8 +238,9 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
                        resumed=resumed)
     after = counts.metrics() if counts is not None else {}
     return Outcome(cell.index, res.run_id or "", res.test_acc, res.test_acc_last, res.best_val_acc,
-                   res.registered_model, resumed=resumed,
-                   counts={k: after[k] - before.get(k, 0) for k in after})
+                   res.registered_model, resumed=resumed, counts={k: after[k] - before.get(k, 0) for k in after},
+                   best_epoch=res.best_epoch, test_correct=res.test_correct, test_images=res.test_images,
+                   model_uri=res.model_uri, card=res.card, checkpoint=str(res.checkpoint))
 
 
 def _same_settings(run, cfg: Config) -> bool:
@@ -274,7 +285,9 @@ def _child(parent, name: str, params: dict, tags: dict, run_id, register: bool, 
 
     @contextlib.contextmanager
     def opened():
-        with parent.child(name, {**tags, "git_commit": git_commit()}, run_id) as tracker:
+        opened_child = parent.child(name, {**tags, "git_commit": git_commit()}) if run_id is None else \
+            parent.child(name, {**tags, "git_commit": git_commit()}, run_id)
+        with opened_child as tracker:
             tracker.log_params(params)
             tracker = tracker if register else _Unregistered(tracker)
             yield wrap(tracker) if wrap is not None else tracker
@@ -303,6 +316,7 @@ def execute(cells: list[Cell], job: Job, opts: Options, *, on_start=None, on_don
 def _execute_here(cells, job, *, on_start=None, on_done=None) -> dict:
     from ..runner import _terminate_on_sigterm
 
+    owns_cache = _cache_session is None  # a job inside a job (kdparam in a benchmark) shares the outer cache
     totals: dict = {}
     try:
         with _terminate_on_sigterm():
@@ -315,7 +329,8 @@ def _execute_here(cells, job, *, on_start=None, on_done=None) -> dict:
                 if on_done is not None:
                     on_done(cell, outcome)
     finally:
-        close_cache()
+        if owns_cache:
+            close_cache()
     return totals
 
 

@@ -6,6 +6,7 @@ Imported only when a job runs on Ray, so that one run (and ``--jobs 1``) never i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 
@@ -85,6 +86,7 @@ def execute_on_ray(cells: list[Cell], job: Job, opts: Options, *, on_start=None,
     from ..runner import _terminate_on_sigterm
     from ..tracking import code_version, kill_unfinished_children, redact, worker_environment
 
+    job = dataclasses.replace(job, parent=None)  # the cells open their parent by its run id
     started_here = _connect(opts, echo)
     env = worker_environment()
     driver_code = code_version()

@@ -25,6 +25,7 @@ from . import RETRIES, Cell, Job, Options, check_options
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 METRICS = {"val_acc": "max", "val_loss": "min"}
+SEARCHES = ("tpe", "grid")
 PRUNED_TAG = "kd_mlflow.pruned_at_epoch"
 
 
@@ -167,7 +168,8 @@ class TuneResult:
 
 
 def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_acc", grace_epochs: int = 1,
-             search_seed: int = 0, seed: int = 0, *, opts: Options | None = None, echo=print, **common) -> TuneResult:
+             search_seed: int = 0, seed: int = 0, *, search: str = "tpe", opts: Options | None = None, echo=print,
+             **common) -> TuneResult:
     from ..benchmark import BENCHMARK_FIELDS, precheck
     from ..tracking import redact, start_run
 
@@ -184,9 +186,17 @@ def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_ac
     opts = opts or Options()
     check_options(opts)
     dims = parse_space(mode, list(space))
+    if search not in SEARCHES:
+        raise ConfigError(f"--search {search!r}: one of {', '.join(SEARCHES)}")
+    if search == "grid":
+        ranges = [d.spec() for d in dims if d.kind != "choice"]
+        if ranges:
+            raise ConfigError(f"--search grid trains every combination of choice values; {', '.join(ranges)} is a "
+                              f"range: give choice:A,B,...")
+        trials = math.prod(len(d.values) for d in dims)
     base = Config.for_mode(mode, **common, seed=seed)
     base.validate()
-    if not 1 <= grace_epochs < base.epochs:
+    if search != "grid" and not 1 <= grace_epochs < base.epochs:
         raise ConfigError(f"--grace-epochs must be >= 1 and below epochs ({base.epochs}): a trial is judged after "
                           f"that many epochs and may be stopped; got {grace_epochs}")
     check_space(base, dims)
@@ -194,14 +204,16 @@ def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_ac
     defaults = {d.name: getattr(base, d.name) for d in dims}
     first = [defaults] if all(d.contains(defaults[d.name]) for d in dims) else []
 
-    params = {"tune_mode": mode, "space": " ".join(d.spec() for d in dims), "trials": int(trials), "metric": metric,
+    params = {"tune_mode": mode, "space": " ".join(d.spec() for d in dims), "search": search, "trials": int(trials),
+              "metric": metric,
               "grace_epochs": int(grace_epochs), "search_seed": int(search_seed), "seed": int(seed),
               "jobs": opts.jobs, **opts.params(),
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k in MODES[mode].fields}}
     tags = {"mode": "tune", "dataset": base.dataset, "student": base.student, "tune_mode": mode}
     with start_run(params, tags, run_name=f"tune-{mode}") as parent:
         job = Job(parent.run_id, "tune", storage=opts.storage, workdir=os.getcwd())
-        rows = _search(base, dims, first, int(trials), metric, int(grace_epochs), int(search_seed), job, opts, echo)
+        rows = _search(base, dims, first, int(trials), metric, int(grace_epochs), int(search_seed), job, opts, echo,
+                       grid=search == "grid")
         result = TuneResult(parent.run_id, rows)
         completed = [r for r in rows if r["status"] == "completed" and r["best_val_acc"] is not None]
         if completed:
@@ -239,7 +251,7 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _search(base, dims, first, trials, metric, grace, search_seed, job, opts, echo) -> list[dict]:
+def _search(base, dims, first, trials, metric, grace, search_seed, job, opts, echo, grid=False) -> list[dict]:
     import optuna
     import ray
     from ray import tune
@@ -257,11 +269,17 @@ def _search(base, dims, first, trials, metric, grace, search_seed, job, opts, ec
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base, job=job, env=worker_environment(), driver_code=code_version()),
             {"cpu": res["num_cpus"], "gpu": res["num_gpus"]})
-        searcher = OptunaSearch(metric=metric, mode=METRICS[metric], seed=search_seed, points_to_evaluate=first or None)
-        # Rungs below the last epoch only: a trial that reaches the last epoch is never
-        # stopped before its test evaluation and model are logged.
-        scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=METRICS[metric], max_t=base.epochs - 1,
-                                  grace_period=grace, reduction_factor=2, stop_last_trials=False)
+        if grid:  # every combination, each trained to the end (kdparam's grid, spread on Ray)
+            searcher, scheduler = None, None
+            space = {d.name: tune.grid_search(list(d.values)) for d in dims}
+        else:
+            searcher = OptunaSearch(metric=metric, mode=METRICS[metric], seed=search_seed,
+                                    points_to_evaluate=first or None)
+            # Rungs below the last epoch only: a trial that reaches the last epoch is never
+            # stopped before its test evaluation and model are logged.
+            scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=METRICS[metric], max_t=base.epochs - 1,
+                                      grace_period=grace, reduction_factor=2, stop_last_trials=False)
+            space = _tune_space(dims)
         storage = os.path.abspath(os.path.join(job.storage or "runs", "ray_tune"))
         created: list = []
 
@@ -272,15 +290,20 @@ def _search(base, dims, first, trials, metric, grace, search_seed, job, opts, ec
             return f"trial{created.index(trial.trial_id) + 1}"
 
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no tables
-        tuner = tune.Tuner(trainable, param_space=_tune_space(dims),
-                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(metric=metric if grid else None,
+                                                       mode=METRICS[metric] if grid else None,
+                                                       search_alg=searcher, scheduler=scheduler,
+                                                       num_samples=1 if grid else trials,
                                                        max_concurrent_trials=opts.jobs if opts.jobs > 0 else None,
                                                        trial_name_creator=name, trial_dirname_creator=name),
                            run_config=tune.RunConfig(name=f"tune-{job.parent_run_id}", storage_path=storage,
                                                      failure_config=tune.FailureConfig(max_failures=RETRIES),
                                                      verbose=0))
-        echo(f"tune {base.mode}: {trials} trials, {res['num_cpus']:g} CPU{', %g GPU' % res['num_gpus'] if res['num_gpus'] else ''}"
-             f" each, ASHA on {metric} from epoch {grace}, Optuna TPE (seed {search_seed})")
+        how = "a grid, every trial to the end" if grid else \
+            f"ASHA on {metric} from epoch {grace}, Optuna TPE (seed {search_seed})"
+        echo(f"tune {base.mode}: {trials} trials, {res['num_cpus']:g} CPU"
+             f"{', %g GPU' % res['num_gpus'] if res['num_gpus'] else ''} each, {how}")
         try:
             with _terminate_on_sigterm() as received, _as_signalled(received):
                 grid = tuner.fit()
