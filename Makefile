@@ -87,10 +87,13 @@ postgres:
 # train. Its MLflow store lives outside the repo, in $(BENCH_DIR).
 BENCH_DIR ?= $(HOME)/kd-benchmark
 BENCH_KD = cd $(BENCH_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(BENCH_DIR)/mlflow.db $(CURDIR)/$(BIN)/kd-mlflow
-# Cells trained at once, each in its own process (make benchmark BENCH_JOBS=2 on 2 cores,
-# more on a big GPU with --device cuda).
+# Cells trained at once (on a local Ray when > 1) and each cell's torch threads, which Ray
+# reserves as CPUs: on 2 cores, make benchmark BENCH_JOBS=2 BENCH_THREADS=1. A CPU cell's
+# numbers depend on its threads, so one table keeps one BENCH_THREADS.
 BENCH_JOBS ?= 1
-BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20
+BENCH_THREADS ?= 0
+BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20 \
+	--threads $(BENCH_THREADS)
 BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd,dkd,dist,crd
 
 # Seeds 0-2 of every mode first, so that an interrupted run already has a whole table.
