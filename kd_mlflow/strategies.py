@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import teacher_cache
 from .config import Config, ConfigError
 from .distillers.base import NoKD
 from .distillers.kd import HintonKD
@@ -85,14 +84,16 @@ def strategy_card(cfg: Config, card: dict | None, run_id: str | None) -> dict | 
             "tags": {**card["tags"], "mode": cfg.mode, "stage_mode": stage}}
 
 
+def _cell_result(out) -> TrainResult:
+    """A cell's execution.Outcome as the TrainResult _finish registers (no model in memory:
+    the registered version is the cell's logged model)."""
+    return TrainResult(out.run_id, out.test_acc, out.best_val_acc, out.best_epoch, None, None, Path(out.checkpoint),
+                       [], out.model_uri, None, out.test_acc_last, out.test_correct, out.test_images, out.card)
+
+
 def _best(results: list[TrainResult]) -> int:
     """Index of the best validation accuracy (the first one on a tie): never the test set."""
     return max(range(len(results)), key=lambda i: (results[i].best_val_acc, -i))
-
-
-def _cache_metrics(counts) -> dict:
-    """The teacher forwards the stages computed and reused, for the parent run ({} when off)."""
-    return counts.metrics() if counts is not None else {}
 
 
 def _num(value) -> float | None:
@@ -153,32 +154,42 @@ class AllKD(Strategy):
         self.plan(cfg)
 
     def __call__(self, cfg, data, teachers, metas, tracker, rt):
+        """Teachers without a checkpoint are trained first, here; then the students are
+        cells of the execution layer, each the run `train kd` from that teacher makes."""
+        from .execution import Cell, Job, Options, execute
         from .plots import teacher_vs_student
 
-        planned = self.plan(cfg, load=True)
+        planned, trained_here = [], {}
+        for i, (plan, model, meta) in enumerate(self.plan(cfg), start=1):
+            if plan.source is None:
+                _, meta, teacher_uri, trained_here[i] = self._train_teacher(cfg, plan, i, data, tracker, rt)
+                plan = TeacherPlan(plan.spec, teacher_uri, plan.arch)
+            planned.append((plan, meta))
+        cells = [Cell(i, _kd_child_cfg(cfg, teacher=plan.arch, teacher_checkpoint=plan.source or ""),
+                      f"student-{i}-{cfg.student}-from-{plan.arch}",
+                      {"parent_mode": cfg.mode, "stage": f"student {i}", "teacher_spec": plan.spec})
+                 for i, (plan, _) in enumerate(planned, start=1)]
+        outcomes = {}
+        # One cache: a teacher listed twice (or the same checkpoint under two names) runs once.
+        counts = execute(cells, Job(tracker.run_id, "allkd", parent=tracker), Options(),
+                         on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
+        failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
+        if failed:
+            raise RuntimeError(f"allkd: {len(failed)} of {len(cells)} students failed; the first: {failed[0]}")
         rows, results = [], []
-        # One session: a teacher listed twice (or the same checkpoint under two names) runs once.
-        with teacher_cache.session(cfg.teacher_cache) as counts:
-            for i, (plan, model, meta) in enumerate(planned, start=1):
-                teacher_run_id = ""
-                if model is None:
-                    model, meta, teacher_uri, teacher_run_id = self._train_teacher(cfg, plan, i, data, tracker, rt)
-                    plan = TeacherPlan(plan.spec, teacher_uri, plan.arch)
-                student_cfg = _kd_child_cfg(cfg, teacher=plan.arch, teacher_checkpoint=plan.source or "")
-                res = train_child(cfg, student_cfg, HintonKD, data, [model], tracker, rt,
-                                  run_name=f"student-{i}-{cfg.student}-from-{plan.arch}", stage=f"student {i}",
-                                  teacher=plan.arch, teacher_meta=meta, extra_tags={"teacher_spec": plan.spec})
-                teacher_acc = _num(meta.get("test_acc"))
-                rows.append({"index": i, "teacher_spec": plan.spec, "teacher_arch": plan.arch,
-                             "teacher_source": plan.source or "", "teacher_trained_here": bool(teacher_run_id),
-                             "teacher_run_id": teacher_run_id, "teacher_test_acc": teacher_acc,
-                             "student_best_val_acc": res.best_val_acc, "student_test_acc": res.test_acc,
-                             "student_best_epoch": res.best_epoch, "child_run_id": res.run_id})
-                results.append(res)
-                metrics = {f"student_{i}_val_acc": res.best_val_acc, f"student_{i}_test_acc": res.test_acc}
-                if teacher_acc is not None:
-                    metrics[f"teacher_{i}_test_acc"] = teacher_acc
-                tracker.log_metrics(metrics)
+        for cell, (plan, meta) in zip(cells, planned):
+            i, res = cell.index, _cell_result(outcomes[cell.index])
+            teacher_acc = _num(meta.get("test_acc"))
+            rows.append({"index": i, "teacher_spec": plan.spec, "teacher_arch": plan.arch,
+                         "teacher_source": plan.source or "", "teacher_trained_here": i in trained_here,
+                         "teacher_run_id": trained_here.get(i, ""), "teacher_test_acc": teacher_acc,
+                         "student_best_val_acc": res.best_val_acc, "student_test_acc": res.test_acc,
+                         "student_best_epoch": res.best_epoch, "child_run_id": res.run_id})
+            results.append(res)
+            metrics = {f"student_{i}_val_acc": res.best_val_acc, f"student_{i}_test_acc": res.test_acc}
+            if teacher_acc is not None:
+                metrics[f"teacher_{i}_test_acc"] = teacher_acc
+            tracker.log_metrics(metrics)
 
         best = _best(results)
         for row in rows:
@@ -187,7 +198,7 @@ class AllKD(Strategy):
         tracker.log_figure(teacher_vs_student(rows, f"allkd: {cfg.student} on {cfg.dataset}"),
                            "figures/teacher_vs_student.png")
         tracker.set_tags({"best_teacher": rows[best]["teacher_spec"]})
-        return _finish(cfg, tracker, results[best], {"best_index": best + 1, **_cache_metrics(counts)})
+        return _finish(cfg, tracker, results[best], {"best_index": best + 1, **counts})
 
     def _train_teacher(self, cfg, plan: TeacherPlan, i: int, data, tracker, rt):
         """Train an architecture that has no checkpoint with the teacher procedure,
@@ -249,9 +260,7 @@ class KDParam(Strategy):
         results, rows = [], []
         for cell in cells:
             out = outcomes[cell.index]
-            results.append(TrainResult(out.run_id, out.test_acc, out.best_val_acc, out.best_epoch, None, None,
-                                       Path(out.checkpoint), [], out.model_uri, None, out.test_acc_last,
-                                       out.test_correct, out.test_images, out.card))
+            results.append(_cell_result(out))
             rows.append({"temperature": cell.cfg.temperature, "alpha": cell.cfg.alpha,
                          "best_val_acc": out.best_val_acc, "test_acc": out.test_acc, "best_epoch": out.best_epoch,
                          "child_run_id": out.run_id})
