@@ -171,7 +171,9 @@ def test_model_spec_and_modes_parsing():
 
 def test_compare_and_benchmark_entry_points_match_the_cli():
     entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "register", "jobs", *BENCHMARK_FIELDS}
+    from kd_mlflow.execution import OPTIONS
+
+    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "register", *OPTIONS, *BENCHMARK_FIELDS}
     assert entry["benchmark"]["parameters"]["modes"]["default"] == "all"
     assert entry["benchmark"]["parameters"]["seeds"]["default"] == 3
     assert set(entry["compare"]["parameters"]) == {"experiment"}
@@ -189,8 +191,8 @@ def test_benchmark_rejects_bad_input_before_any_run(tmp_path, monkeypatch):
     assert out.exit_code == 2 and "unknown mode(s) kdd" in out.output
     out = CliRunner().invoke(main, ["benchmark", "--modes", "ab", "--epochs", "1", "--device", "cpu"])
     assert out.exit_code == 2 and "mode ab:" in out.output
-    out = CliRunner().invoke(main, ["benchmark", "--modes", "nokd", "--jobs", "0"])
-    assert out.exit_code == 2 and "--jobs must be a whole number >= 1" in out.output
+    out = CliRunner().invoke(main, ["benchmark", "--modes", "nokd", "--jobs", "-1"])
+    assert out.exit_code == 2 and "--jobs must be a whole number >= 0" in out.output
     assert not (tmp_path / "never.db").exists()
 
 
@@ -407,13 +409,12 @@ def test_benchmark_runs_nested_pairs_then_compares_and_resumes(tracking, tmp_pat
                                  {"arch": "resnet8", "dataset": "fashion_mnist", "num_classes": 10,
                                   "in_channels": 1, "test_acc": 12.5})
     experiment = unique_experiment("benchmark")
-    # --jobs 2: the two cells train at once, each in a worker process of its own.
-    params = {**BENCH, "teacher_checkpoint": ckpt, "jobs": 2}
+    # --jobs 2 --threads 1: the two cells train at once on a local Ray, one CPU each.
+    params = {**BENCH, "teacher_checkpoint": ckpt, "jobs": 2, "threads": 1}
     proc = mlflow_run("benchmark", tracking, experiment, params)
     assert "| fashion_mnist | resnet8 | kd | resnet8 | 1 |" in proc.stdout, proc.stdout[-3000:]
-    assert "2 cells in 2 worker processes" in proc.stdout
-    workers = re.findall(r": training \(worker (\d+)\)", proc.stdout)
-    assert len(workers) == 2 and len(set(workers)) == 2, proc.stdout[-3000:]
+    assert "Ray (local)" in proc.stdout
+    assert len(re.findall(r": training \(1 CPU\)", proc.stdout)) == 2, proc.stdout[-3000:]
 
     client, runs = runs_of(tracking, experiment)
     parents = [r for r in runs if r.data.tags.get("mode") == "benchmark"]
@@ -460,9 +461,11 @@ def test_benchmark_runs_nested_pairs_then_compares_and_resumes(tracking, tmp_pat
 
 
 def test_sigterm_stops_a_jobs_benchmark_and_its_workers_with_every_run_killed(tmp_path):
-    """A real SIGTERM to `kd-mlflow benchmark --jobs 2` while both cells train in their
-    worker processes: it exits 143, no worker outlives it, and no run stays RUNNING."""
+    """A real SIGTERM to `kd-mlflow benchmark --jobs 2` while both cells train on its local
+    Ray: it exits 143, none of the processes it started (Ray's and the cells') outlives it,
+    and no run stays RUNNING."""
     import signal
+    import time
 
     import psutil
     from mlflow import MlflowClient
@@ -474,33 +477,28 @@ def test_sigterm_stops_a_jobs_benchmark_and_its_workers_with_every_run_killed(tm
                                  {"arch": "resnet8", "dataset": "fashion_mnist", "num_classes": 10,
                                   "in_channels": 1, "test_acc": 12.5})
     tracking = f"sqlite:///{tmp_path}/jobs.db"
-    cmd = [str(BIN / "kd-mlflow"), "benchmark", "--jobs", "2", "--experiment", "jobs-sigterm",
+    cmd = [str(BIN / "kd-mlflow"), "benchmark", "--jobs", "2", "--threads", "1", "--experiment", "jobs-sigterm",
            "--teacher_checkpoint", str(ckpt)]
     for k, v in {**BENCH, "epochs": 200}.items():
         cmd += [f"--{k}", str(v)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": tracking},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, workers, epochs_seen = [], set(), set()
     try:
-        for line in proc.stdout:  # both cells past their first epoch, then the signal
-            lines.append(line)
-            if m := re.search(r": training \(worker (\d+)\)", line):
-                workers.add(int(m.group(1)))
-            if m := re.search(r"\[(nokd|kd)\] epoch 1/200", line):
-                epochs_seen.add(m.group(1))
-            if len(workers) == 2 and epochs_seen == {"nokd", "kd"}:
-                break
-        assert len(workers) == 2 and epochs_seen == {"nokd", "kd"}, "".join(lines)[-3000:]
+        deadline = time.time() + 300
+        while len(list((tmp_path / "runs").glob("*/last.pt"))) < 2:  # both cells past their first epoch
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert len(started) >= 2
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate(timeout=180)
     finally:
         proc.kill()
-    out = "".join(lines) + rest
     assert proc.returncode == 143, out[-3000:]
     assert "stopped by SIGTERM" in out and "marked KILLED" in out
-    assert not [pid for pid in workers if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    time.sleep(2)
+    assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("jobs-sigterm").experiment_id])
     assert sorted(r.data.tags["mode"] for r in runs) == ["benchmark", "kd", "nokd"]
