@@ -84,6 +84,21 @@ def strategy_card(cfg: Config, card: dict | None, run_id: str | None) -> dict | 
             "tags": {**card["tags"], "mode": cfg.mode, "stage_mode": stage}}
 
 
+def _train_cells(cfg: Config, cells: list, tracker) -> tuple[dict, dict]:
+    """A strategy's cells trained through the execution layer in this process, nested under
+    ``tracker`` -> ({index: Outcome}, teacher cache counters); any failed cell fails the
+    strategy, naming the first."""
+    from .execution import Job, Options, execute
+
+    outcomes = {}
+    counts = execute(cells, Job(tracker.run_id, cfg.mode, parent=tracker), Options(),
+                     on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
+    failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
+    if failed:
+        raise RuntimeError(f"{cfg.mode}: {len(failed)} of {len(cells)} cells failed; the first: {failed[0]}")
+    return outcomes, counts
+
+
 def _cell_result(out) -> TrainResult:
     """A cell's execution.Outcome as the TrainResult _finish registers (no model in memory:
     the registered version is the cell's logged model)."""
@@ -156,7 +171,7 @@ class AllKD(Strategy):
     def __call__(self, cfg, data, teachers, metas, tracker, rt):
         """Teachers without a checkpoint are trained first, here; then the students are
         cells of the execution layer, each the run `train kd` from that teacher makes."""
-        from .execution import Cell, Job, Options, execute
+        from .execution import Cell
         from .plots import teacher_vs_student
 
         planned, trained_here = [], {}
@@ -169,13 +184,8 @@ class AllKD(Strategy):
                       f"student-{i}-{cfg.student}-from-{plan.arch}",
                       {"parent_mode": cfg.mode, "stage": f"student {i}", "teacher_spec": plan.spec})
                  for i, (plan, _) in enumerate(planned, start=1)]
-        outcomes = {}
         # One cache: a teacher listed twice (or the same checkpoint under two names) runs once.
-        counts = execute(cells, Job(tracker.run_id, "allkd", parent=tracker), Options(),
-                         on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
-        failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
-        if failed:
-            raise RuntimeError(f"allkd: {len(failed)} of {len(cells)} students failed; the first: {failed[0]}")
+        outcomes, counts = _train_cells(cfg, cells, tracker)
         rows, results = [], []
         for cell, (plan, meta) in zip(cells, planned):
             i, res = cell.index, _cell_result(outcomes[cell.index])
@@ -236,7 +246,7 @@ class KDParam(Strategy):
     def __call__(self, cfg, data, teachers, metas, tracker, rt):
         """The grid's cells are cells of the execution layer: each is the run `train kd` with
         its temperature and alpha would make (bit-identical on CPU), nested under this one."""
-        from .execution import Cell, Job, Options, execute
+        from .execution import Cell
         from .plots import kdparam_heatmap
 
         temperatures, alphas = self.grid(cfg)
@@ -251,12 +261,7 @@ class KDParam(Strategy):
                 child_cfg = _kd_child_cfg(cfg, temperature=t, alpha=a, teacher=teacher_arch, teacher_checkpoint=source)
                 cells.append(Cell(k, child_cfg, f"kd-T{t:g}-alpha{a:g}",
                                   {"parent_mode": cfg.mode, "stage": f"{k}/{n} T={t:g} alpha={a:g}"}))
-        outcomes = {}
-        counts = execute(cells, Job(tracker.run_id, "kdparam", parent=tracker), Options(),
-                         on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
-        failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
-        if failed:
-            raise RuntimeError(f"kdparam: {len(failed)} of {n} cells failed; the first: {failed[0]}")
+        outcomes, counts = _train_cells(cfg, cells, tracker)
         results, rows = [], []
         for cell in cells:
             out = outcomes[cell.index]
