@@ -69,11 +69,13 @@ def parse_modes(text: str) -> list[str]:
     return [m for m in DISTILLATION_MODES if m in items]
 
 
-def plan(modes: str, seeds: int, values: dict) -> tuple[list[Config], list[str]]:
-    """-> (validated Configs, seed-major; notes about modes left out). Fails with a
-    ConfigError naming the mode before anything runs."""
+def plan(modes: str, seeds: int, values: dict, first_seed: int = 0) -> tuple[list[Config], list[str]]:
+    """-> (validated Configs for seeds first_seed..first_seed+seeds-1, seed-major; notes about
+    modes left out). Fails with a ConfigError naming the mode before anything runs."""
     if int(seeds) < 1:
         raise ConfigError(f"seeds must be >= 1 (the number of seeds: 0..N-1), got {seeds}")
+    if int(first_seed) < 0:
+        raise ConfigError(f"first_seed must be >= 0, got {first_seed}")
     chosen = parse_modes(modes)
     notes = []
     for mode in list(chosen):
@@ -83,7 +85,7 @@ def plan(modes: str, seeds: int, values: dict) -> tuple[list[Config], list[str]]
                 chosen.remove(mode)
                 notes.append(f"{mode} skipped: {note}")
     configs = []
-    for seed in range(int(seeds)):
+    for seed in range(int(first_seed), int(first_seed) + int(seeds)):
         for mode in chosen:
             cfg = Config.for_mode(mode, **values, seed=seed)
             try:
@@ -209,7 +211,7 @@ def train_pairs(configs: list[Config], parent, result, *, existing=(), register:
 
 def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, echo=print, jobs: int = 1,
                   ray_address: str = "", cpus_per_cell: float = 0, gpus_per_cell: float = -1, storage: str = "",
-                  **values) -> BenchmarkResult:
+                  first_seed: int = 0, **values) -> BenchmarkResult:
     """Train ``modes`` x ``seeds`` (skipping pairs already finished with the same
     settings), ``jobs`` at a time (execution.Options: in this process, or on Ray), then
     compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
@@ -227,14 +229,15 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     opts = Options(jobs, ray_address, cpus_per_cell, gpus_per_cell, storage)
     check_options(opts)
     jobs = int(jobs)
-    configs, notes = plan(modes, seeds, values)
+    configs, notes = plan(modes, seeds, values, first_seed)
     if not configs:
         raise ConfigError(f"nothing to run: {'; '.join(notes) or 'no modes'}")
     for note in notes:
         echo(f"note: {note}")
     teacher_arch = precheck(configs)
     base = Config(**{k: v for k, v in values.items()})
-    params = {"modes": modes, "seeds": int(seeds), "register": int(bool(register)), "jobs": jobs,
+    params = {"modes": modes, "seeds": int(seeds), "first_seed": int(first_seed), "register": int(bool(register)),
+              "jobs": jobs,
               **opts.params(),
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS}}
     tags = {"mode": "benchmark", "dataset": base.dataset, "student": base.student,

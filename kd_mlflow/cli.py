@@ -287,7 +287,11 @@ def _common_run_options(fn, skip=(), seeds=True):
             fn = _option(name)(fn)
     if not seeds:
         return fn
-    return click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds: 0..N-1.")(fn)
+    fn = click.option("--first-seed", "--first_seed", "first_seed", type=int, default=0, show_default=True,
+                      help="The first seed: seeds first..first+N-1 (confirm on fresh seeds, e.g. --first-seed 5 "
+                           "--seeds 5, that no selection saw).")(fn)
+    return click.option("--seeds", type=int, default=3, show_default=True,
+                        help="Number of seeds: --first-seed..--first-seed+N-1.")(fn)
 
 
 def _benchmark_options(fn):

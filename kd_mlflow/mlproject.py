@@ -57,7 +57,8 @@ def render_mlproject() -> str:
 
     execution = {name: ("string" if kind is str else "float", default) for name, (kind, default, _) in OPTIONS.items()}
     parts.append(_entry("benchmark", "kd", "benchmark", BENCHMARK_FIELDS,
-                        {"modes": ("string", "all"), "seeds": ("float", 3), "register": ("float", 0), **execution}))
+                        {"modes": ("string", "all"), "seeds": ("float", 3), "first_seed": ("float", 0),
+                         "register": ("float", 0), **execution}))
     tune_fields = [f for f in BENCHMARK_FIELDS if f not in ("ensemble", "teachers", "temperatures", "alphas")]
     parts.append(_entry("tune", "kd", "tune {mode}", tune_fields,
                         {"mode": ("string", "kd"), "space": ("string", "temperature=loguniform:1:16 alpha=uniform:0.5:1"),

@@ -26,7 +26,7 @@ class SweepResult:
     failed: list = field(default_factory=list)
 
 
-def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict) -> list[Config]:
+def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict, first_seed: int = 0) -> list[Config]:
     """Validated Configs, value-major then seed; a ConfigError naming the problem first."""
     if mode not in MODES or MODES[mode].kind != "distiller":
         singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
@@ -47,7 +47,7 @@ def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict) -> 
         raise ConfigError(f"seeds must be >= 1 (the number of seeds: 0..N-1), got {seeds}")
     configs = []
     for value in grid:
-        for seed in range(int(seeds)):
+        for seed in range(int(first_seed), int(first_seed) + int(seeds)):
             cfg = Config.for_mode(mode, **common, seed=seed, **{param: value})
             try:
                 cfg.validate()
@@ -77,7 +77,7 @@ def sweep_table(rows: list[dict], param: str):
 
 
 def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str = "", echo=print, opts=None,
-              **common) -> SweepResult:
+              first_seed: int = 0, **common) -> SweepResult:
     """Train ``mode`` for every value of ``param`` x ``seeds`` as nested runs (through the
     execution layer, ``opts``: in this process or on Ray); -> the table."""
     import mlflow
@@ -92,10 +92,11 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
         raise ConfigError(f"sweep does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
     opts = opts or Options()
     check_options(opts)
-    configs = plan_sweep(mode, param, values, seeds, common)
+    configs = plan_sweep(mode, param, values, seeds, common, first_seed)
     precheck(configs[:1])
     base = configs[0]
     params = {"sweep_mode": mode, "sweep_param": param, "sweep_values": values, "seeds": int(seeds),
+              "first_seed": int(first_seed),
               "jobs": opts.jobs, **opts.params(),
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k in MODES[mode].fields}}
     tags = {"mode": "sweep", "dataset": base.dataset, "student": base.student, "sweep_mode": mode,

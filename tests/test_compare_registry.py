@@ -166,6 +166,11 @@ def test_model_spec_and_modes_parsing():
         parse_modes("nokd,kdd")
     configs, notes = plan("nokd,multikd", 2, {"epochs": 1, "device": "cpu"})
     assert [(c.mode, c.seed) for c in configs] == [("nokd", 0), ("nokd", 1)]
+    # fresh seeds for a confirmation no selection saw
+    fresh, _ = plan("nokd,kd", 2, {"epochs": 1, "device": "cpu"}, first_seed=5)
+    assert [(c.mode, c.seed) for c in fresh] == [("nokd", 5), ("kd", 5), ("nokd", 6), ("kd", 6)]
+    with pytest.raises(ConfigError, match="first_seed must be >= 0"):
+        plan("nokd", 1, {}, first_seed=-1)
     assert len(notes) == 1 and "multikd skipped" in notes[0] and "ensemble" in notes[0]
 
 
@@ -173,7 +178,7 @@ def test_compare_and_benchmark_entry_points_match_the_cli():
     entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
     from kd_mlflow.execution import OPTIONS
 
-    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "register", *OPTIONS, *BENCHMARK_FIELDS}
+    assert set(entry["benchmark"]["parameters"]) == {"modes", "seeds", "first_seed", "register", *OPTIONS, *BENCHMARK_FIELDS}
     assert entry["benchmark"]["parameters"]["modes"]["default"] == "all"
     assert entry["benchmark"]["parameters"]["seeds"]["default"] == 3
     assert set(entry["compare"]["parameters"]) == {"experiment"}
