@@ -204,6 +204,24 @@ def tracking(mlflow_server, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+# Metrics that measure how fast a run went or what the teacher cache saved, not what it
+# learned: left out when runs of one cell are compared bit for bit.
+TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
+           "teacher_forwards_reused"}
+
+
+def cli_options(values: dict) -> list[str]:
+    """{"train_subset": 256} -> ["--train-subset=256"]."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+
+
+def learned_metrics(client, run) -> dict:
+    """Every metric ``run`` logged but TIMINGS and system metrics, as [(step, value)]."""
+    return {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, name),
+                                                       key=lambda m: m.step)]
+            for name in sorted(set(run.data.metrics) - TIMINGS) if not name.startswith("system/")}
+
+
 def unique_experiment(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

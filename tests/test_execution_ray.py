@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import unique_experiment
+from conftest import cli_options as _options, learned_metrics, unique_experiment
 from test_compare_registry import clean_mlflow_env
 
 pytestmark = pytest.mark.e2e
@@ -28,24 +28,14 @@ CELL = dict(teacher="pretrained:fashion_mnist-resnet20", epochs=1, train_subset=
             test_subset=200, batch_size=64, device="cpu", threads=1)
 # long enough that a cell is still training when its first epoch checkpoint appears
 LONG = dict(CELL, epochs=3, train_subset=1500, val_size=300, test_subset=300, batch_size=100)
-TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
-           "teacher_forwards_reused"}
-
-
-def _options(values: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
-
 
 def _cells(client, experiment: str) -> dict:
     """mode -> (run, every logged metric but timings as [(step, value)]) of the experiment's cells."""
     exp = client.get_experiment_by_name(experiment)
     out = {}
     for run in client.search_runs([exp.experiment_id], "tags.`kd_mlflow.cell` != ''"):
-        learned = {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, name),
-                                                             key=lambda m: m.step)]
-                   for name in sorted(set(run.data.metrics) - TIMINGS) if not name.startswith("system/")}
         assert run.data.tags["mode"] not in out, "a second run of one cell"
-        out[run.data.tags["mode"]] = (run, learned)
+        out[run.data.tags["mode"]] = (run, learned_metrics(client, run))
     return out
 
 

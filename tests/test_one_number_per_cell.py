@@ -13,20 +13,13 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import unique_experiment
+from conftest import cli_options as _options, learned_metrics, unique_experiment
 from test_compare_registry import clean_mlflow_env
 
 pytestmark = pytest.mark.e2e
 
 CELL = dict(teacher="pretrained:fashion_mnist-resnet20", epochs=1, train_subset=256, val_size=100,
             test_subset=200, batch_size=64, device="cpu")
-# What the cell learned, as logged: every per-epoch and final metric but the timings.
-TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
-           "teacher_forwards_reused"}
-
-
-def _options(values: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
 
 
 def _kd_cell(client, experiment: str):
@@ -35,13 +28,8 @@ def _kd_cell(client, experiment: str):
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    learned = {}
-    for name in sorted(set(run.data.metrics) - TIMINGS):
-        if name.startswith("system/"):
-            continue
-        learned[name] = [(m.step, m.value) for m in
-                         sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
-    return run, learned
+    # what the cell learned, as logged: every per-epoch and final metric but the timings
+    return run, learned_metrics(client, run)
 
 
 def test_a_cell_gives_the_same_numbers_through_every_path(tracking, tmp_path, monkeypatch):

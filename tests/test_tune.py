@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import unique_experiment
+from conftest import cli_options as _options, learned_metrics, unique_experiment
 from test_compare_registry import clean_mlflow_env
 
 pytestmark = pytest.mark.e2e
@@ -18,18 +18,10 @@ pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 CELL = dict(epochs=3, train_subset=512, val_size=200, test_subset=200, batch_size=64, device="cpu", threads=1)
-TIMINGS = {"epoch_seconds", "images_per_second", "startup_seconds", "teacher_forwards_computed",
-           "teacher_forwards_reused"}
-
-
-def _options(values: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
 
 
 def _learned(client, run_id: str) -> dict:
-    run = client.get_run(run_id)
-    return {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
-            for name in sorted(set(run.data.metrics) - TIMINGS) if not name.startswith("system/")}
+    return learned_metrics(client, client.get_run(run_id))
 
 
 def test_tune_prunes_trials_that_cannot_learn_and_selects_on_validation(tracking, tmp_path, monkeypatch):
