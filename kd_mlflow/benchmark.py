@@ -55,6 +55,22 @@ class BenchmarkResult:
     compare_run_id: str = ""
 
 
+def check_fields(command: str, values: dict) -> None:
+    """A multi-run command takes the Config fields in BENCHMARK_FIELDS and nothing else."""
+    unknown = set(values) - set(BENCHMARK_FIELDS)
+    if unknown:
+        raise ConfigError(f"{command} does not take {', '.join(sorted(unknown))}; it takes: "
+                          f"{', '.join(BENCHMARK_FIELDS)}")
+
+
+def check_single_training(mode: str, does: str) -> None:
+    """``mode`` is one training (a distiller), as a sweep or a search needs; ``does``:
+    what the command does with it ("sweep trains", "tune searches")."""
+    if mode not in MODES or MODES[mode].kind != "distiller":
+        singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
+        raise ConfigError(f"{does} single-training modes; {mode!r} is not one of: {', '.join(singles)}")
+
+
 def parse_modes(text: str) -> list[str]:
     """"all" (every distillation mode of the registry) or a comma-separated list, in registry order."""
     items = [m.strip() for m in str(text).split(",") if m.strip()]
@@ -223,9 +239,7 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     from .registry import update_champion
     from .tracking import start_run
 
-    unknown = set(values) - set(BENCHMARK_FIELDS)
-    if unknown:
-        raise ConfigError(f"benchmark does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    check_fields("benchmark", values)
     opts = Options(jobs, ray_address, cpus_per_cell, gpus_per_cell, storage)
     check_options(opts)
     jobs = int(jobs)

@@ -28,9 +28,9 @@ class SweepResult:
 
 def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict, first_seed: int = 0) -> list[Config]:
     """Validated Configs, value-major then seed; a ConfigError naming the problem first."""
-    if mode not in MODES or MODES[mode].kind != "distiller":
-        singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
-        raise ConfigError(f"sweep trains single-training modes; {mode!r} is not one of: {', '.join(singles)}")
+    from .benchmark import check_single_training
+
+    check_single_training(mode, "sweep trains")
     if param not in MODES[mode].fields:
         raise ConfigError(f"{mode} has no parameter {param!r}; its parameters are: {', '.join(MODES[mode].fields)}")
     kind = Config.parameter(param, mode).type
@@ -82,14 +82,12 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
     execution layer, ``opts``: in this process or on Ray); -> the table."""
     import mlflow
 
-    from .benchmark import BENCHMARK_FIELDS, BenchmarkResult, precheck, train_pairs
+    from .benchmark import BENCHMARK_FIELDS, BenchmarkResult, check_fields, precheck, train_pairs
     from .compare import counted_runs, markdown_table, search_all_runs
     from .execution import Options, check_options
     from .tracking import start_run
 
-    unknown = set(common) - set(BENCHMARK_FIELDS)
-    if unknown:
-        raise ConfigError(f"sweep does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    check_fields("sweep", common)
     opts = opts or Options()
     check_options(opts)
     configs = plan_sweep(mode, param, values, seeds, common, first_seed)

@@ -23,7 +23,6 @@ same command run again after an interruption does the same for KILLED cells.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +193,6 @@ def run_cell_here(cell: Cell, job: Job, wrap=None) -> Outcome:
     """Train one cell in this process as a run nested under the job's parent, continuing
     the cell's unfinished run if a lost or stopped attempt left one with a checkpoint."""
     from .. import runner
-    from ..tracking import CELL_TAG, MlflowTracker, code_version, redact, unfinished_cell_runs
 
     runs_dir = runner.RUNS_DIR
     if job.storage:
@@ -222,7 +220,7 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
             cfg = cfg.replace(resume=resumed)
             break
     tags = {**cell.tags, CELL_TAG: key}
-    counts = _cache_counts(any([cfg.teacher_cache]), cfg.seed)
+    counts = _cache_counts(cfg.teacher_cache, cfg.seed)
     before = counts.metrics() if counts is not None else {}
 
     def factory(params, run_tags, run_name=None, run_id=None, **_):
@@ -324,8 +322,7 @@ def _execute_here(cells, job, *, on_start=None, on_done=None) -> dict:
                 if on_start is not None:
                     on_start(cell, "")
                 outcome = run_cell_here(cell, job)
-                for k, v in outcome.counts.items():
-                    totals[k] = totals.get(k, 0) + v
+                add_counts(totals, outcome)
                 if on_done is not None:
                     on_done(cell, outcome)
     finally:
@@ -334,5 +331,30 @@ def _execute_here(cells, job, *, on_start=None, on_done=None) -> dict:
     return totals
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def add_counts(totals: dict, outcome: Outcome) -> None:
+    """A cell's teacher cache counters added to the job's."""
+    for k, v in outcome.counts.items():
+        totals[k] = totals.get(k, 0) + v
+
+
+def enter_worker(job: Job, env: dict, driver_code: str) -> str:
+    """Make this Ray worker process (a cell's task or a tune trial) see what the driver
+    sees -> "" or the one line why it must not train: its tracking store and credentials,
+    the driver's working directory where this node shares it, and the driver's code."""
+    import socket
+
+    import mlflow
+
+    from ..tracking import code_version
+
+    os.environ.update(env)
+    # Under `mlflow run` the launcher's run id reaches local workers; a cell opens its own
+    # nested run, never adopts the job's.
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    if job.workdir and os.path.isdir(job.workdir):
+        os.chdir(job.workdir)  # pretrained/ and relative paths, where the nodes share it
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    if code_version() != driver_code:
+        return (f"node {socket.gethostname()} runs other kd_mlflow code (code_version {code_version()[:12]}, "
+                f"the driver's {driver_code[:12]}): install the same version on every node")
+    return ""

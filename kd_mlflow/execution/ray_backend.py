@@ -13,7 +13,7 @@ import socket
 import ray
 
 from ..config import ConfigError
-from . import RETRIES, Cell, Job, Options, Outcome, close_cache, run_cell_here
+from . import RETRIES, Cell, Job, Options, Outcome, add_counts, enter_worker, run_cell_here
 
 LOCAL_OBJECT_STORE = 128 * 1024**2  # outcomes are a few hundred bytes; the default 30% of RAM is shm
 
@@ -22,21 +22,9 @@ LOCAL_OBJECT_STORE = 128 * 1024**2  # outcomes are a few hundred bytes; the defa
 def _cell_task(cell: Cell, job: Job, env: dict, driver_code: str) -> Outcome:
     """One cell in a Ray worker process (which trains cells one after another and keeps
     its teacher cache between them)."""
-    from ..tracking import code_version
-
-    os.environ.update(env)
-    # Under `mlflow run` the launcher's run id reaches local workers; a cell opens its own
-    # nested run, never adopts the job's.
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    if job.workdir and os.path.isdir(job.workdir):
-        os.chdir(job.workdir)  # pretrained/ and relative paths, where the nodes share it
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    if code_version() != driver_code:
-        return Outcome(cell.index, error=f"node {socket.gethostname()} runs other kd_mlflow code (code_version "
-                                         f"{code_version()[:12]}, the driver's {driver_code[:12]}): install the same "
-                                         f"version on every node", node=socket.gethostname())
+    refused = enter_worker(job, env, driver_code)
+    if refused:
+        return Outcome(cell.index, error=refused, node=socket.gethostname())
     outcome = run_cell_here(cell, job)
     outcome.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
     return outcome
@@ -84,7 +72,7 @@ def _resources(cell: Cell, opts: Options) -> dict:
 
 def execute_on_ray(cells: list[Cell], job: Job, opts: Options, *, on_start=None, on_done=None, echo=print) -> dict:
     from ..runner import _terminate_on_sigterm
-    from ..tracking import code_version, kill_unfinished_children, redact, worker_environment
+    from ..tracking import code_version, redact, worker_environment
 
     job = dataclasses.replace(job, parent=None)  # the cells open their parent by its run id
     started_here = _connect(opts, echo)
@@ -119,15 +107,13 @@ def execute_on_ray(cells: list[Cell], job: Job, opts: Options, *, on_start=None,
                         outcome = Outcome(cell.index, error=f"lost after {RETRIES} retries ({type(exc).__name__}: "
                                                             f"{text[0][:200] if text else ''}); run the command "
                                                             f"again to continue it")
-                    for k, v in outcome.counts.items():
-                        totals[k] = totals.get(k, 0) + v
+                    add_counts(totals, outcome)
                     if on_done is not None:
                         on_done(cell, outcome)
     except BaseException:
-        _stop(list(inflight), job, kill_unfinished_children, echo)
+        _stop(list(inflight), job, echo)
         raise
     finally:
-        close_cache()
         if started_here:
             ray.shutdown()
     return totals
@@ -147,10 +133,12 @@ def _as_signalled(received: list):
         raise
 
 
-def _stop(refs: list, job: Job, kill_unfinished_children, echo) -> None:
+def _stop(refs: list, job: Job, echo) -> None:
     """Stop the cells in flight: Ray raises KeyboardInterrupt in each (their runs end
     KILLED); a cell that does not stop within a minute is ended by force, and its run
     marked KILLED here."""
+    from ..tracking import kill_unfinished_children
+
     for ref in refs:
         ray.cancel(ref)
     if refs:

@@ -100,7 +100,7 @@ def check_space(base: Config, dims: list[Dimension]) -> None:
     """Every corner of the space is a valid configuration (one line before any run)."""
     corners = [{}]
     for d in dims:
-        corners = [{**c, d.name: v} for c in corners for v in (d.values if d.kind == "choice" else d.values)]
+        corners = [{**c, d.name: v} for c in corners for v in d.values]
     for corner in corners[:64]:
         try:
             base.replace(**corner).validate()
@@ -137,19 +137,11 @@ def _number(trial_name: str) -> int:
 def _trial(config: dict, base: Config = None, job: Job = None, env: dict = None, driver_code: str = "") -> None:
     from ray import tune
 
-    from ..tracking import code_version
-    from . import run_cell_here
+    from . import enter_worker, run_cell_here
 
-    os.environ.update(env)
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    if job.workdir and os.path.isdir(job.workdir):
-        os.chdir(job.workdir)
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    if code_version() != driver_code:
-        raise RuntimeError(f"this node runs other kd_mlflow code ({code_version()[:12]}, the driver's "
-                           f"{driver_code[:12]}): install the same version on every node")
+    refused = enter_worker(job, env, driver_code)
+    if refused:
+        raise RuntimeError(refused)
     number = _number(tune.get_context().get_trial_name())
     cfg = base.replace(**config)
     cell = Cell(number, cfg, f"{cfg.mode}-trial{number}", {"tune_run_id": job.parent_run_id, "trial": str(number),
@@ -170,15 +162,11 @@ class TuneResult:
 def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_acc", grace_epochs: int = 1,
              search_seed: int = 0, seed: int = 0, *, search: str = "tpe", opts: Options | None = None, echo=print,
              **common) -> TuneResult:
-    from ..benchmark import BENCHMARK_FIELDS, precheck
+    from ..benchmark import BENCHMARK_FIELDS, check_fields, check_single_training, precheck
     from ..tracking import redact, start_run
 
-    if mode not in MODES or MODES[mode].kind != "distiller":
-        singles = [m for m, spec in MODES.items() if spec.kind == "distiller"]
-        raise ConfigError(f"tune searches single-training modes; {mode!r} is not one of: {', '.join(singles)}")
-    unknown = set(common) - set(BENCHMARK_FIELDS)
-    if unknown:
-        raise ConfigError(f"tune does not take {', '.join(sorted(unknown))}; it takes: {', '.join(BENCHMARK_FIELDS)}")
+    check_single_training(mode, "tune searches")
+    check_fields("tune", common)
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r}: one of {', '.join(METRICS)} (selection never sees test data)")
     if int(trials) < 1:
