@@ -63,17 +63,15 @@ def model_card(cfg, info, class_names: list, *, test_correct: int, test_images: 
 
 
 def raw_signature(card: dict):
-    """uint8 images in the dataset's layout -> label, class_index, probability."""
+    """The output schema (label, class_index, probability) and no input schema: MLflow
+    enforces an input schema before the model sees a request, which admits one layout
+    only (a TensorSpec has one rank) and no DataFrame of images, and answers a mismatch
+    with a dump of the request. pyfunc_images accepts every layout and format of
+    MLmodel's ``kd_mlflow.input`` and refuses the rest in one line."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema
 
-    image = card["metadata"]["kd_mlflow"]["input"]
-    shape = (-1, image["height"], image["width"]) if image["channels"] == 1 else \
-        (-1, image["channels"], image["height"], image["width"])
-    if "resize" in card["metadata"]["kd_mlflow"]:  # any size: the model resizes (pyfunc_images)
-        shape = (-1, image["channels"], -1, -1)
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
-                          outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"),
+    return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"),
                                           ColSpec("double", "probability")]))
 
 

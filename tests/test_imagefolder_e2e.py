@@ -107,9 +107,11 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
             logged = torch.from_numpy(np.stack([decode(f, 32) for f in files]))
             logged_p, logged_pred = torch.softmax(network((logged.float() / 255 - mean) / std), dim=1).max(dim=1)
             logged_pred = logged_pred.tolist()
-        raw = np.stack([np.asarray(Image.open(f)).transpose(2, 0, 1) for f in files])
+        channels_last = np.stack([np.asarray(Image.open(f)) for f in files])  # N x H x W x 3, as PIL gives
+        raw = channels_last.transpose(0, 3, 1, 2)
         # the pixels the served network sees are the ones evaluation decoded, exactly
         assert torch.equal(served_model.pixels(raw), logged), size
+        assert torch.equal(served_model.pixels(channels_last), logged), size
         answer = model.predict(raw)
         served = answer["class_index"].tolist()
         # the same pixels in, so the same probabilities out (not only the same arg max)
@@ -117,6 +119,17 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
         correct = lambda pred: sum(int(p == y) for p, y in zip(pred, labels))  # noqa: E731
         assert correct(served) == correct(logged_pred), size
         assert served == logged_pred, size
+    # the files as they are (24-48 px, grayscale, RGB, RGBA, palette made RGBA), one image per
+    # row of a DataFrame: each resized as evaluation decoded it
+    import pandas as pd
+
+    def as_array(path):
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGBA") if img.mode == "P" else img)
+
+    frame = pd.DataFrame({"image": [as_array(path) for path, _ in originals]})
+    assert {a.ndim for a in frame["image"]} == {2, 3} and len({a.shape for a in frame["image"]}) > 1
+    assert torch.equal(served_model.pixels(frame), torch.from_numpy(np.stack([decode(p, 32) for p, _ in originals])))
 
 
 @pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])
