@@ -130,6 +130,8 @@ def run_config(cfg: Config) -> None:
     click.echo(f"  run id        {result.run_id}")
     if result.registered_model:
         click.echo(f"  registered    models:/{result.registered_model}/{result.version}")
+    elif cfg.smoke and not cfg.registered_model:
+        click.echo(f"  registered    no: a smoke run ({cfg.smoke}); name it with --registered-model to register it")
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")
 
@@ -492,12 +494,15 @@ def runs_group() -> None:
 @click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Minutes since a run's last sign of life (heartbeat, start, metric) before it may be "
                    "called stale. A run whose kd-mlflow heartbeat is fresh is alive whatever this says.")
-@click.option("--yes", is_flag=True, help="Mark the stale runs FAILED without asking (else: asked on a "
-                                          "terminal, only listed otherwise).")
+@click.option("--yes", is_flag=True, help="Mark the stale runs FAILED and delete the run directories nothing "
+                                          "needs without asking (else: asked on a terminal, only listed otherwise).")
 def runs_clean_command(experiment: str, older_than: float, yes: bool) -> None:
     """List the RUNNING runs whose process is gone (a crashed `mlflow run` launcher, e.g.
     conda missing; a killed training) with experiment, name, start and the reason, and mark
-    them FAILED. Runs that are alive, recent, or not kd-mlflow's are never touched."""
+    them FAILED. Runs that are alive, recent, or not kd-mlflow's are never touched. Then
+    report ./runs/ (each run directory's size and whether anything needs it) and delete the
+    directories of FINISHED runs (their model is in MLflow); offline directories waiting
+    for sync, RUNNING runs and resumable ones are kept."""
     from .runs import clean
 
     confirm = (lambda text: click.confirm(text, default=False)) if sys.stdin.isatty() else None

@@ -159,6 +159,13 @@ class Config:
         return self.arch if self.mode == "teacher" else self.student
 
     @property
+    def smoke(self) -> str:
+        """'' for a run on the whole dataset; else the subsets that make it a smoke run
+        (e.g. 'train_subset=500'), which is not registered unless registered_model asks."""
+        return ", ".join(f"{name}={getattr(self, name)}" for name in ("train_subset", "test_subset")
+                         if getattr(self, name))
+
+    @property
     def model_name(self) -> str:
         if self.registered_model:
             return self.registered_model

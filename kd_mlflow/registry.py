@@ -61,12 +61,28 @@ def version_test_acc(client, version, cache: dict | None = None) -> float | None
     return None if value is None or math.isnan(value) else float(value)
 
 
-def register_version(client, model_uri: str, name: str, card: dict | None = None) -> int:
+def register_version(client, model_uri: str, name: str, card: dict | None = None, run_id: str | None = None) -> int:
     """Register a logged model under ``name``, describe the version (``card``: see
-    serving.model_card) and re-elect the champion; -> the new version."""
+    serving.model_card) and re-elect the champion; -> the new version. ``run_id``: the run
+    the version belongs to when it is not the run that logged the model (a strategy's
+    parent, which selected one of its stages' models): its page lists the version, and its
+    test_acc is the version's."""
     import mlflow
 
-    version = int(mlflow.register_model(model_uri, name).version)
+    if run_id is None:
+        version = int(mlflow.register_model(model_uri, name).version)
+    else:
+        from mlflow.exceptions import MlflowException
+
+        client = _client(client)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        rest = model_uri.removeprefix("models:/")  # a logged model's id (models:/<model_id>), not a name/version
+        model_id = rest if rest != model_uri and "/" not in rest and "@" not in rest else None
+        version = int(client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id).version)
     describe_version(client, name, version, card)
     update_champion(client, name)
     return version

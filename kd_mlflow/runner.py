@@ -107,6 +107,8 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
     seed_everything(cfg.seed)
+    if register and cfg.smoke and not cfg.registered_model:
+        register = False  # a smoke run's student stays a logged model; the registry keeps real ones
     info = data.info
     student = create_model(cfg.network, info.num_classes, info.in_channels)
     distiller = distiller_cls(student, teachers, cfg)
@@ -262,6 +264,28 @@ def run(cfg: Config, tracker_factory=None):
             return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
 
 
+KEEP_ENV = "KD_KEEP_RUN_FILES"  # =1: keep runs/<run_id>/ after a run FINISHED (last.pt, model.pt)
+RUN_FILES = ("last.pt", "model.pt")
+
+
+def release_workdir(run_id: str | None) -> None:
+    """After a run FINISHED with everything on the tracking server, its working files go:
+    last.pt (the epoch checkpoint, only for resuming an unfinished run) and model.pt (in
+    the logged model's extra_files). A run whose offline directory waits for
+    ``kd-mlflow sync`` keeps everything; ``kd-mlflow runs clean`` reports what is left."""
+    if not run_id or os.environ.get(KEEP_ENV, "") not in ("", "0"):
+        return
+    from .tracking import OFFLINE_ROOT
+
+    workdir = RUNS_DIR / run_id
+    if (OFFLINE_ROOT / run_id / "offline").exists() or (workdir / "offline").exists():
+        return
+    for name in RUN_FILES:
+        (workdir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        workdir.rmdir()  # only when nothing else is in it
+
+
 def provenance() -> dict:
     """Tags that say what a run's numbers depend on besides its params and seed: the code,
     torch, the CPU's kernels, and the threads it really ran with."""
@@ -313,10 +337,11 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
             # A teacher whose checkpoint had another class count: its new head first.
             teachers, metas = finetune_heads(cfg, teachers, metas, data, tracker, rt)
             if mode.kind == "strategy":
-                return impl(cfg, data, teachers, metas, tracker, rt)
-            result = train_student(cfg, impl, data, teachers, tracker, rt,
-                                   teacher_meta=metas[0] if len(metas) == 1 else None, resume_state=resume_state,
-                                   teacher_name=teacher_tag)
+                result = impl(cfg, data, teachers, metas, tracker, rt)
+            else:
+                result = train_student(cfg, impl, data, teachers, tracker, rt,
+                                       teacher_meta=metas[0] if len(metas) == 1 else None,
+                                       resume_state=resume_state, teacher_name=teacher_tag)
         except Exception as exc:
             if sigterm and distributed.world_size() > 1:
                 # A signal a rank got outside the training steps (or a second one, which
@@ -334,4 +359,5 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
                 argv = [prog, *sys.argv[1:]]  # "kd-mlflow ..." / "run.py ...", not a local path
                 entry = pretrained.record(output, " ".join(shlex.quote(a) for a in argv))
                 print(f"recorded in {pretrained.MANIFEST} (sha256 {entry['sha256'][:12]}...)")
+    release_workdir(result.run_id)  # the run is closed, FINISHED
     return result

@@ -1,5 +1,5 @@
 """``kd-mlflow runs clean``: find the runs left RUNNING by a process that is gone, and mark
-them FAILED.
+them FAILED; report what ``runs/`` holds on disk, and free what no run needs.
 
 MLflow never ends a run whose process died: a crashed ``mlflow run`` launcher (conda
 missing, say: the run is created before the environment is built), a killed training, a
@@ -212,6 +212,79 @@ def describe(v: RunVerdict) -> str:
     return f"{v.experiment} / {v.run_name or '-'}  ({v.run_id})  started {started}: {v.reason}"
 
 
+@dataclass
+class WorkdirVerdict:
+    path: Path
+    size: int  # bytes
+    free: bool  # nothing needs it any more
+    reason: str
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB"
+
+
+def judge_workdirs(root: Path = OFFLINE_ROOT, client=None) -> list[WorkdirVerdict]:
+    """Each runs/<run_id>/ with its size and whether anything still needs it: an offline
+    directory waits for sync, a RUNNING run is training, an unfinished run (FAILED,
+    KILLED) with last.pt can be resumed, a run this tracking store does not know is not
+    ours to judge. A FINISHED run's files are in the tracking server (the model with its
+    checkpoint): they may go."""
+    import mlflow
+
+    if not root.is_dir():
+        return []
+    client = client or mlflow.MlflowClient()
+    verdicts = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        size = _size(path)
+        if (path / "offline").exists():
+            verdicts.append(WorkdirVerdict(path, size, False, f"waits for `kd-mlflow sync {path}`"))
+            continue
+        try:
+            status = client.get_run(path.name).info.status
+        except Exception:
+            verdicts.append(WorkdirVerdict(path, size, False, "no such run in this tracking store"))
+            continue
+        if status == "FINISHED":
+            verdicts.append(WorkdirVerdict(path, size, True, "FINISHED: its model and metrics are in MLflow"))
+        elif status == "RUNNING":
+            verdicts.append(WorkdirVerdict(path, size, False, "RUNNING"))
+        elif (path / "last.pt").exists():
+            verdicts.append(WorkdirVerdict(path, size, False, f"{status}: resumable with --resume {path.name}"))
+        else:
+            verdicts.append(WorkdirVerdict(path, size, True, f"{status}, with no epoch checkpoint"))
+    return verdicts
+
+
+def clean_workdirs(yes: bool, echo=print, confirm=None, root: Path = OFFLINE_ROOT) -> int:
+    """Report runs/ (size, what may go and why) and, with ``yes`` (or ``confirm()``),
+    delete the directories nothing needs. -> bytes freed."""
+    import shutil
+
+    verdicts = judge_workdirs(root)
+    free = [v for v in verdicts if v.free]
+    echo(f"{root}/: {len(verdicts)} run director{'y' if len(verdicts) == 1 else 'ies'}, "
+         f"{_mb(sum(v.size for v in verdicts))}; {len(free)} no run needs, {_mb(sum(v.size for v in free))}")
+    for v in verdicts:
+        echo(f"  {v.path.name}  {_mb(v.size):>10}  {'free' if v.free else 'keep'}: {v.reason}")
+    if not free:
+        return 0
+    if not yes and (confirm is None or not confirm(f"delete these {len(free)} director"
+                                                    f"{'y' if len(free) == 1 else 'ies'}?")):
+        echo("nothing deleted; pass --yes to delete them")
+        return 0
+    for v in free:
+        shutil.rmtree(v.path)
+    freed = sum(v.size for v in free)
+    echo(f"freed {_mb(freed)} ({len(free)} director{'y' if len(free) == 1 else 'ies'})")
+    return freed
+
+
 def clean(experiment: str, older_than_minutes: float, yes: bool, echo=print, confirm=None) -> list[RunVerdict]:
     """List the stale RUNNING runs and, with ``yes`` (or ``confirm()`` saying so), mark them
     FAILED. Returns the runs marked."""
@@ -229,12 +302,11 @@ def clean(experiment: str, older_than_minutes: float, yes: bool, echo=print, con
     if alive:
         echo(f"  ({alive} RUNNING run(s) left alone: alive, too recent for --older-than {older_than_minutes:g}, "
              f"or not kd-mlflow's)")
-    if not stale:
-        return []
-    if not yes:
-        if confirm is None or not confirm(f"mark these {len(stale)} run(s) FAILED?"):
-            echo("nothing changed; pass --yes to mark them FAILED")
-            return []
-    mark_failed(stale)
-    echo(f"marked {len(stale)} run(s) FAILED (tag {CLEANED_TAG} says why)")
+    if stale and not yes and (confirm is None or not confirm(f"mark these {len(stale)} run(s) FAILED?")):
+        echo("nothing changed; pass --yes to mark them FAILED")
+        stale = []
+    elif stale:
+        mark_failed(stale)
+        echo(f"marked {len(stale)} run(s) FAILED (tag {CLEANED_TAG} says why)")
+    clean_workdirs(yes, echo, confirm)
     return stale

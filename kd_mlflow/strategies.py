@@ -22,7 +22,7 @@ from .config import Config, ConfigError
 from .distillers.base import NoKD
 from .distillers.kd import HintonKD
 from .models import ARCHITECTURES, is_known_architecture
-from .runner import Runtime, TrainResult, train_student
+from .runner import Runtime, TrainResult, release_workdir, train_student
 from .teachers import load_teacher, teacher_source
 
 
@@ -40,8 +40,10 @@ def train_child(parent_cfg: Config, child_cfg: Config, distiller_cls, data, teac
             **(extra_tags or {})}
     with tracker.child(run_name, tags=tags) as child:
         child.log_params(child_cfg.params())
-        return train_student(child_cfg, distiller_cls, data, teachers, child, rt, teacher_meta=teacher_meta,
-                             register=register, desc=f"{parent_cfg.mode} {stage}")
+        result = train_student(child_cfg, distiller_cls, data, teachers, child, rt, teacher_meta=teacher_meta,
+                               register=register, desc=f"{parent_cfg.mode} {stage}")
+    release_workdir(result.run_id)  # the child is closed, FINISHED
+    return result
 
 
 def _kd_child_cfg(cfg: Config, **changes) -> Config:
@@ -62,8 +64,9 @@ def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResu
     tracker.log_metrics({**{k: v for k, v in selected.items() if v is not None}, "best_val_acc": best.best_val_acc,
                          "best_epoch": best.best_epoch, **summary})
     tracker.set_tags({"selected_run_id": best.run_id or ""})
+    registers = best.model_uri and (not cfg.smoke or cfg.registered_model)  # a smoke run only when named
     version = tracker.register(best.model_uri, cfg.model_name, strategy_card(cfg, best.card, tracker.run_id)) \
-        if best.model_uri else None
+        if registers else None
     return TrainResult(tracker.run_id, best.test_acc, best.best_val_acc, best.best_epoch,
                        cfg.model_name if version is not None else None, version, best.checkpoint,
                        best.history, best.model_uri, best.model, best.test_acc_last, best.test_correct,
@@ -213,11 +216,13 @@ class AllKD(Strategy):
     def _train_teacher(self, cfg, plan: TeacherPlan, i: int, data, tracker, rt):
         """Train an architecture that has no checkpoint with the teacher procedure,
         register it as <dataset>-<arch>-teacher, and hand it over frozen."""
+        registers = not cfg.smoke or bool(cfg.registered_model)  # a smoke run's teacher only when named
         teacher_cfg = cfg.replace(mode="teacher", arch=plan.arch, epochs=cfg.teacher_epochs or cfg.epochs,
-                                  registered_model="", output="")
+                                  registered_model=f"{cfg.dataset}-{plan.arch}-teacher" if registers else "",
+                                  output="")
         res = train_child(cfg, teacher_cfg, NoKD, data, [], tracker, rt,
                           run_name=f"teacher-{i}-{plan.arch}", stage=f"teacher {i}", teacher="none",
-                          register=True, extra_tags={"teacher_spec": plan.spec})
+                          register=registers, extra_tags={"teacher_spec": plan.spec})
         uri = f"models:/{res.registered_model}/{res.version}" if res.version is not None else (res.model_uri or "")
         if res.version is not None:
             print(f"allkd: trained teacher {plan.arch} registered as {uri}; pass it in -P teachers to reuse it",
@@ -313,11 +318,12 @@ class TAKD(Strategy):
         for i, arch in enumerate(chain, start=1):
             is_assistant = i <= len(assistants)
             role = "assistant" if is_assistant else "student"
+            registers = is_assistant and (not cfg.smoke or bool(cfg.registered_model))
             child_cfg = _kd_child_cfg(cfg, student=arch, teacher=prev_arch, teacher_checkpoint=prev_source,
-                                      registered_model=assistant_model_name(cfg, arch) if is_assistant else "")
+                                      registered_model=assistant_model_name(cfg, arch) if registers else "")
             res = train_child(cfg, child_cfg, HintonKD, data, [prev_model], tracker, rt,
                               run_name=f"link-{i}-{prev_arch}-to-{arch}", stage=f"link {i}/{len(chain)} {role}",
-                              teacher=prev_arch, teacher_meta=meta, register=is_assistant,
+                              teacher=prev_arch, teacher_meta=meta, register=registers,
                               extra_tags={"link": str(i), "role": role})
             registered = (f"models:/{res.registered_model}/{res.version}" if res.version is not None else "")
             rows.append({"link": i, "arch": arch, "role": role, "source": registered or res.model_uri or "",

@@ -174,7 +174,8 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         from .registry import register_version
 
         for entry in record["registrations"]:
-            version = register_version(client, entry["model_uri"], entry["name"], entry.get("card"))
+            version = register_version(client, entry["model_uri"], entry["name"], entry.get("card"),
+                                       run_id if entry.get("own_run") else None)
             echo(f"  registered {entry['model_uri']} as {entry['name']} v{version}")
         finish("registrations")
     if "status" not in done:

@@ -154,7 +154,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
     the run's training split, selected by validation accuracy, each in a nested run
     ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
     from .distillers.base import NoKD
-    from .runner import RUNS_DIR
+    from .runner import RUNS_DIR, release_workdir
     from .trainer import Trainer, count_correct, exported_test_batches, seed_everything
 
     teachers, metas = list(teachers), [dict(m) for m in metas]
@@ -180,6 +180,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
                          "mlflow_run_id": child.run_id or ""})
             child.log_metrics({"test_acc": meta["test_acc"], "best_val_acc": fit.best_val_acc},
                               step=fit.best_epoch)
+        release_workdir(child.run_id)  # its last.pt: the child is closed, FINISHED
         model.requires_grad_(False)
         teachers[i] = model
     return teachers, metas

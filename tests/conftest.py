@@ -258,5 +258,6 @@ def teacher_run(mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "fmnist-resnet8.pt"
     experiment = unique_experiment("teacher")
     proc = mlflow_run("teacher", mlflow_server, experiment,
-                      {**TINY, "arch": "resnet8", "output": out, "epochs": 2, "train_subset": 2000})
+                      {**TINY, "arch": "resnet8", "output": out, "epochs": 2, "train_subset": 2000,
+                       "registered_model": "fashion_mnist-resnet8-teacher"})  # a smoke run: named to register
     return {"checkpoint": out, "experiment": experiment, "proc": proc}

@@ -47,8 +47,9 @@ def _check_single(client, run, mode, terms):
 def test_single_training_mode(mode, teacher_run, mlflow_server):
     extra, terms = SINGLE[mode]
     experiment = unique_experiment(mode)
-    mlflow_run(mode, mlflow_server, experiment,
-               {**ONE_EPOCH, "teacher_checkpoint": teacher_run["checkpoint"], **extra})
+    mlflow_run(mode, mlflow_server, experiment,  # smoke runs register only when named
+               {**ONE_EPOCH, "teacher_checkpoint": teacher_run["checkpoint"], **extra,
+                "registered_model": f"fashion_mnist-resnet8-{mode}"})
     client, runs = runs_of(mlflow_server, experiment)
     assert len(runs) == 1
     _check_single(client, runs[0], mode, terms)
@@ -80,7 +81,8 @@ def test_multikd_with_a_file_and_a_registry_uri(teacher_run, mlflow_server):
     version = max(int(v.version) for v in client.search_model_versions("name='fashion_mnist-resnet8-teacher'"))
     ensemble = f"{teacher_run['checkpoint']},models:/fashion_mnist-resnet8-teacher/{version}"
     experiment = unique_experiment("multikd")
-    mlflow_run("multikd", mlflow_server, experiment, {**ONE_EPOCH, "ensemble": ensemble})
+    mlflow_run("multikd", mlflow_server, experiment, {**ONE_EPOCH, "ensemble": ensemble,
+                                                      "registered_model": "fashion_mnist-resnet8-multikd"})
     client, runs = runs_of(mlflow_server, experiment)
     _check_single(client, runs[0], "multikd", ("ce", "kd"))
     assert runs[0].data.tags["teacher"] == "resnet8+resnet8"
@@ -107,7 +109,7 @@ def test_multi_stage_mode(mode, extra, n_children, teacher_run, mlflow_server):
     if mode != "allkd":
         extra["teacher_checkpoint"] = teacher_run["checkpoint"]
     experiment = unique_experiment(mode)
-    mlflow_run(mode, mlflow_server, experiment, {**ONE_EPOCH, **extra})
+    mlflow_run(mode, mlflow_server, experiment, {**ONE_EPOCH, **extra, "registered_model": f"fashion_mnist-resnet8-{mode}"})
     client, runs = runs_of(mlflow_server, experiment)
     parent, children = _parent_and_children(client, runs)
     assert parent.info.status == "FINISHED" and parent.data.params["mode"] == mode
@@ -119,8 +121,10 @@ def test_multi_stage_mode(mode, extra, n_children, teacher_run, mlflow_server):
         next(c for c in children if c.info.run_id == selected).data.metrics["test_acc"])
     versions = client.search_model_versions(f"name='fashion_mnist-resnet8-{mode}'")
     assert versions, "the selected student is registered"
-    (version,) = [v for v in versions if v.run_id == selected]
-    # the version is the strategy's, trained as a kd stage
+    # the version belongs to the strategy's run (its page lists it), its model is the
+    # selected stage's, trained as a kd stage
+    (version,) = [v for v in versions if v.run_id == parent.info.run_id]
+    assert version.source == "models:/" + next(c for c in children if c.info.run_id == selected).outputs.model_outputs[0].model_id
     assert version.tags["mode"] == mode and version.tags["stage_mode"] == "kd"
     assert f"mode `{mode}`" in version.description and parent.info.run_id in version.description
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}

@@ -38,9 +38,9 @@ def only_run(client, experiment: str):
     return runs[0]
 
 
-def runs_clean(server: str, *args: str):
+def runs_clean(server: str, *args: str, cwd=REPO):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    return subprocess.run([str(BIN / "kd-mlflow"), "runs", "clean", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([str(BIN / "kd-mlflow"), "runs", "clean", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL,
                           env={**env, "MLFLOW_TRACKING_URI": server})
 
@@ -154,3 +154,44 @@ def test_runs_clean_finds_what_a_launcher_without_conda_left_running(tracking, m
     after = client.get_run(finished.info.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", finished.info.end_time)
     assert "kd_mlflow.cleaned" not in after.data.tags
+
+
+def test_runs_clean_reports_disk_and_frees_only_what_no_run_needs(tracking, tmp_path, monkeypatch):
+    """runs/ after real runs of each kind: a FINISHED one (its files are in MLflow), a KILLED
+    one with its epoch checkpoint (resumable), a RUNNING one, an offline directory waiting
+    for sync, and a directory of a run this store does not know."""
+    from mlflow import MlflowClient
+
+    from kd_mlflow import tracking as kd_tracking
+
+    client = MlflowClient(tracking)
+    experiment = unique_experiment("disk")
+    monkeypatch.chdir(tmp_path)
+    with kd_tracking.start_run({"experiment": experiment}, {"mode": "nokd"}, run_name="finished") as done:
+        pass
+    exp_id = client.get_run(done.run_id).info.experiment_id
+    killed = client.create_run(exp_id, run_name="killed", tags={"mode": "nokd"})
+    client.set_terminated(killed.info.run_id, "KILLED")
+    running = client.create_run(exp_id, run_name="running", tags={"mode": "nokd"})
+    sizes = {done.run_id: 3_000_000, killed.info.run_id: 2_000_000, running.info.run_id: 1_000_000,
+             "0" * 32: 500_000, "f" * 32: 700_000}
+    for run_id, size in sizes.items():
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "last.pt").write_bytes(b"x" * size)
+    (tmp_path / "runs" / ("f" * 32) / "offline").mkdir()  # an offline run: never judged by its status
+
+    listed = runs_clean(tracking, "--experiment", experiment, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
+    assert "runs/: 5 run directories, 6.9 MB; 1 no run needs, 2.9 MB" in out, out
+    assert f"{done.run_id}      2.9 MB  free: FINISHED" in out, out
+    assert f"{killed.info.run_id}      1.9 MB  keep: KILLED: resumable with --resume {killed.info.run_id}" in out
+    assert f"{running.info.run_id}      1.0 MB  keep: RUNNING" in out
+    assert "keep: no such run in this tracking store" in out and "keep: waits for `kd-mlflow sync" in out
+    assert "nothing deleted; pass --yes" in out and len(list((tmp_path / "runs").iterdir())) == 5
+
+    freed = runs_clean(tracking, "--experiment", experiment, "--yes", cwd=tmp_path)
+    assert freed.returncode == 0, freed.stderr
+    assert "freed 2.9 MB (1 directory)" in freed.stdout, freed.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(set(sizes) - {done.run_id})
+    client.set_terminated(running.info.run_id, "KILLED")

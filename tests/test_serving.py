@@ -117,13 +117,20 @@ def test_system_metrics_are_logged_and_can_be_turned_off(student, tmp_path):
     experiment = unique_experiment("no-system")
     cmd = [str(BIN / "kd-mlflow"), "train", "nokd", "--train-subset", "300", "--val-size", "200",
            "--test-subset", "200", "--epochs", "2", "--device", "cpu", "--precision", "fp32",
-           "--system-metrics", "false", "--experiment", experiment, "--registered-model", experiment]
+           "--system-metrics", "false", "--experiment", experiment]
     proc = subprocess.run(cmd, cwd=tmp_path, env=student["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = student["client"]
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.data.params["system_metrics"] == "False"
     assert not [k for k in run.data.metrics if k.startswith("system/")]
+    # a FINISHED run leaves nothing in runs/: its model (with the checkpoint) is in MLflow
+    assert not (tmp_path / "runs" / run.info.run_id).exists()
+    # a smoke run (a subset) is a logged model, not a registered one, unless it is named
+    assert run.outputs.model_outputs
+    assert not client.search_model_versions(f"run_id='{run.info.run_id}'")
+    assert "registered    no: a smoke run (train_subset=300, test_subset=200); name it with --registered-model" \
+        in proc.stdout
 
 
 def test_pyfunc_takes_uint8_images_and_returns_class_names(student, tracking):
@@ -147,9 +154,9 @@ def test_pyfunc_takes_uint8_images_and_returns_class_names(student, tracking):
         mlflow.pyfunc.load_model(student["uri"]).predict(x.astype(np.float32) / 255)
 
 
-def _post(url: str, payload) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+def _post(url: str, payload, content_type: str = "application/json") -> tuple[int, dict]:
+    data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -157,12 +164,34 @@ def _post(url: str, payload) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_mlflow_models_serve_answers_uint8_images_with_class_names(student, tracking):
+def test_mlflow_models_serve_answers_every_format_with_class_names(student, tracking):
+    """Each request format MLflow's scoring server documents for tensors and DataFrames
+    (inputs, instances, dataframe_split, dataframe_records, CSV), in each image layout a
+    user has (N x H x W as the IDX file stores them, N x 1 x H x W, channels-last
+    N x H x W x 1, one H x W image, 784 pixel columns): the same answers as the pyfunc
+    in process. A refused request's body is one line that says what is wrong, first."""
     import mlflow.pyfunc
 
     x, _ = _test_images()
-    x = x[:64]
+    x = x[:16]
     expected = mlflow.pyfunc.load_model(student["uri"]).predict(x)
+    labels, indices = list(expected["label"]), list(expected["class_index"])
+    pixels = x.reshape(len(x), -1)
+    columns = [f"pixel{i}" for i in range(pixels.shape[1])]
+    requests = {
+        "inputs N x H x W": ({"inputs": x.tolist()}, len(x)),
+        "inputs N x 1 x H x W": ({"inputs": x[:, None].tolist()}, len(x)),
+        "inputs N x H x W x 1": ({"inputs": x[..., None].tolist()}, len(x)),
+        "inputs one H x W image": ({"inputs": x[0].tolist()}, 1),
+        "instances": ({"instances": x.tolist()}, len(x)),
+        "dataframe_split, a column of images": (
+            {"dataframe_split": {"columns": ["image"], "data": [[image.tolist()] for image in x]}}, len(x)),
+        "dataframe_split, 784 pixel columns": (
+            {"dataframe_split": {"columns": columns, "data": pixels.tolist()}}, len(x)),
+        "dataframe_records": ({"dataframe_records": [{"image": image.tolist()} for image in x]}, len(x)),
+        "CSV, 784 pixel columns": (",".join(columns) + "\n" + "\n".join(",".join(map(str, row)) for row in pixels),
+                                   len(x)),
+    }
     port = free_port()
     log = open(student["workdir"] / "serve.log", "w")
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", student["uri"], "--env-manager", "local",
@@ -171,20 +200,31 @@ def test_mlflow_models_serve_answers_uint8_images_with_class_names(student, trac
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
         url = f"http://127.0.0.1:{port}/invocations"
-        status, body = _post(url, {"inputs": x.tolist()})
-        assert status == 200, body
-        served = body["predictions"]
-        assert [p["label"] for p in served] == list(expected["label"])
-        assert [p["class_index"] for p in served] == list(expected["class_index"])
-        # wrong shape: MLflow's 400, naming the expected input
-        status, body = _post(url, {"inputs": x[:2, :, :20].tolist()})
-        assert status == 400 and "(-1, 28, 28)" in body["message"], body
-        # images scaled to [0, 1]: MLflow's JSON parsing casts them to uint8 (all 0); refused
-        status, body = _post(url, {"inputs": (x[:2] / 255).tolist()})
-        assert status == 400 and "0-255" in body["message"], body
-        # values that are no uint8 at all
-        status, body = _post(url, {"inputs": (x[:2].astype(np.int64) + 300).tolist()})
-        assert status == 400 and "uint8" in body["message"], body
+        for name, (payload, n) in requests.items():
+            status, body = _post(url, payload, "text/csv" if name.startswith("CSV") else "application/json")
+            assert status == 200, (name, body)
+            served = body["predictions"]
+            assert [p["label"] for p in served] == labels[:n], name
+            assert [p["class_index"] for p in served] == indices[:n], name
+        refused = {
+            # wrong size: the sizes, and the layouts the model takes
+            "(channels x height x width)": {"inputs": x[:2, :, :20].tolist()},
+            # images scaled to [0, 1]
+            "not images scaled to [0, 1]": {"inputs": (x[:2] / 255).tolist()},
+            # values that are no uint8 at all
+            "raw uint8 0-255; got values from": {"inputs": (x[:2].astype(np.int64) + 300).tolist()},
+            # pixel columns of another size
+            "a DataFrame of 700 scalar columns": {"dataframe_split": {"columns": columns[:700],
+                                                                       "data": pixels[:2, :700].tolist()}},
+            # a black image (or one scaled to 0/1 that became whole numbers)
+            "has no pixel above 2": {"inputs": np.zeros((2, 28, 28), np.uint8).tolist()},
+        }
+        for start, payload in refused.items():
+            status, body = _post(url, payload)
+            assert status == 400, (start, body)
+            message = body["message"]
+            assert start in message.splitlines()[0] and len(message) < 400, (start, message)
+            assert "Failed to predict data" not in message, message  # no dump of the request first
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn worker

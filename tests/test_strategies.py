@@ -80,7 +80,8 @@ def read_json_artifact(client, run_id, path, tmp_path):
 def test_kdparam_grid_runs_one_child_per_cell_and_registers_the_best(env, tmp_path):
     client, tiny = env
     ckpt = teacher_checkpoint(tmp_path / "teacher.pt")
-    cfg = Config.for_mode("kdparam", teacher_checkpoint=ckpt, temperatures="2,8", alphas="0.3,0.9", **tiny)
+    cfg = Config.for_mode("kdparam", teacher_checkpoint=ckpt, temperatures="2,8", alphas="0.3,0.9",
+                          registered_model="fashion_mnist-resnet8-kdparam", **tiny)  # smoke runs register when named
     result = run(cfg)
 
     parent, children = parent_and_children(client, result.run_id)
@@ -109,7 +110,9 @@ def test_kdparam_grid_runs_one_child_per_cell_and_registers_the_best(env, tmp_pa
 
     assert result.registered_model == "fashion_mnist-resnet8-kdparam" and result.version == 1
     version = client.get_model_version("fashion_mnist-resnet8-kdparam", "1")
-    assert version.run_id == best.info.run_id  # the registered model is the selected child's
+    # the version is the strategy run's (its page lists it); its model is the selected child's
+    assert version.run_id == parent.info.run_id
+    assert version.source == "models:/" + best.outputs.model_outputs[0].model_id
     assert "figures/kdparam_heatmap.png" in artifact_paths(client, result.run_id, "figures")
     grid = read_json_artifact(client, result.run_id, "kdparam_grid.json", tmp_path)
     assert len(grid) == 4 and sum(row["selected"] for row in grid) == 1
@@ -125,7 +128,8 @@ def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path
     # new teacher (resnet14 was) must not turn this into a test of the pretrained path.
     arch = next(a for a in ("resnet14", "resnet32", "resnet44")
                 if not (PRETRAINED_DIR / f"fashion_mnist-{a}.pt").exists())
-    cfg = Config.for_mode("allkd", teachers=f"{ckpt},{arch}", teacher_epochs=1, **tiny)
+    cfg = Config.for_mode("allkd", teachers=f"{ckpt},{arch}", teacher_epochs=1,
+                          registered_model="fashion_mnist-resnet8-allkd", **tiny)
     result = run(cfg)
 
     parent, children = parent_and_children(client, result.run_id)
@@ -158,7 +162,9 @@ def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path
     assert m["test_acc"] == pytest.approx(selected[0]["student_test_acc"])
     assert result.test_acc == pytest.approx(selected[0]["student_test_acc"])
     assert result.registered_model == "fashion_mnist-resnet8-allkd"
-    assert client.get_model_version(result.registered_model, str(result.version)).run_id == selected[0]["child_run_id"]
+    version = client.get_model_version(result.registered_model, str(result.version))
+    assert version.run_id == parent.info.run_id
+    assert version.source == "models:/" + client.get_run(selected[0]["child_run_id"]).outputs.model_outputs[0].model_id
     assert "figures/teacher_vs_student.png" in artifact_paths(client, result.run_id, "figures")
 
 
@@ -166,7 +172,8 @@ def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path
 def test_takd_chains_teacher_assistant_student(env, tmp_path):
     client, tiny = env
     ckpt = teacher_checkpoint(tmp_path / "teacher.pt", arch="resnet20", test_acc=40.0)
-    cfg = Config.for_mode("takd", teacher="resnet20", teacher_checkpoint=ckpt, assistants="resnet14", **tiny)
+    cfg = Config.for_mode("takd", teacher="resnet20", teacher_checkpoint=ckpt, assistants="resnet14",
+                          registered_model="fashion_mnist-resnet8-takd", **tiny)
     result = run(cfg)
 
     parent, children = parent_and_children(client, result.run_id)
@@ -189,7 +196,11 @@ def test_takd_chains_teacher_assistant_student(env, tmp_path):
     assistant = client.get_model_version("fashion_mnist-resnet14-takd-assistant", "1")
     assert assistant.run_id == link1.info.run_id
     assert result.registered_model == "fashion_mnist-resnet8-takd"
-    assert client.get_model_version(result.registered_model, str(result.version)).run_id == link2.info.run_id
+    version = client.get_model_version(result.registered_model, str(result.version))
+    # takd's run page lists its student (the model is the last link's), named and tagged takd
+    assert version.run_id == parent.info.run_id
+    assert version.source == "models:/" + link2.outputs.model_outputs[0].model_id
+    assert version.tags["mode"] == "takd" and version.tags["stage_mode"] == "kd"
     assert "figures/takd_chain.png" in artifact_paths(client, result.run_id, "figures")
     chain = read_json_artifact(client, result.run_id, "takd_chain.json", tmp_path)
     assert [row["arch"] for row in chain] == ["resnet20", "resnet14", "resnet8"]

@@ -52,6 +52,7 @@ def test_test_correct_last_is_the_last_epochs_count(in_tmp, monkeypatch, epochs)
         return acc - 50.0 * (len(calls) - 1), loss
 
     monkeypatch.setattr(trainer, "evaluate", declining)
+    monkeypatch.setenv("KD_KEEP_RUN_FILES", "1")  # the finished run's last.pt and model.pt are read below
     cfg = Config.for_mode("nokd", **{**SMALL, "epochs": epochs, "seed": 1})
     run = run_recorded(cfg)
     assert len(calls) == epochs and run.last("best_epoch") == 0

@@ -282,12 +282,13 @@ class MlflowTracker:
 
     def register(self, model_uri: str | None, name: str, card: dict | None = None) -> int | None:
         """Register an already logged model (e.g. the best child of a sweep) under ``name``,
-        described by ``card`` (serving.model_card of the run that logged it)."""
+        described by ``card`` (serving.model_card of the run that logged it), as a version
+        of this run: the run that selected it lists it and lends it its test_acc."""
         from ..registry import register_version
 
         def register():
             self.metrics.flush()  # as in _log_model: this run's test_acc first
-            return register_version(None, model_uri, name, card)
+            return register_version(None, model_uri, name, card, run_id=self.run_id)
 
         if model_uri is None:  # its run's model is itself waiting in an offline directory
             _say(f"warning: not registering {name}: the model was never uploaded; register it after "
@@ -295,7 +296,7 @@ class MlflowTracker:
             return None
         return self._call(f"the registration of {name}", register,
                           lambda: self.offline.add("registrations", {"model_uri": model_uri, "name": name,
-                                                                     "card": card}))
+                                                                     "card": card, "own_run": True}))
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict | None = None, run_id: str | None = None):
