@@ -327,7 +327,9 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
 
     tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
             "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-            "world_size": str(distributed.world_size()), **provenance()}
+            "world_size": str(distributed.world_size()), **provenance(),
+            # what optimizer=auto and lr=0 resolved to for this network (params say what was asked)
+            "optimizer": cfg.optimizer_used, "lr": f"{cfg.lr_used:g}"}
     extra = {"run_id": resume_run} if resume_run else {}
     with _terminate_on_sigterm() as sigterm, \
             _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:

@@ -165,7 +165,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
         tags = {"mode": "teacher-finetune", "parent_mode": cfg.mode, "stage": "teacher finetune",
                 "dataset": cfg.dataset, "student": meta["arch"], "teacher": "none"}
         with tracker.child(f"teacher-finetune-{canonical(meta['arch'])}", tags=tags) as child:
-            child.log_params({"arch": meta["arch"], "epochs": head_cfg.epochs, "lr": cfg.lr,
+            child.log_params({"arch": meta["arch"], "epochs": head_cfg.epochs, "lr": head_cfg.lr_used,
                               "classes_in_checkpoint": meta["finetune_head_from"], "seed": cfg.seed})
             seed_everything(cfg.seed)
             head_only = _HeadOnly(teachers[i])

@@ -168,8 +168,8 @@ def build_optimizer(params, cfg: Config, device: torch.device | None = None):
     # On CPU the default (for-each) implementation is kept: its numbers are the ones the
     # bit-exact resume tests pin.
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+    if cfg.optimizer_used == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr_used, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                               weight_decay=cfg.weight_decay, **fused)
         if fused and cfg.momentum > 0:
             # The fused kernel refuses a step where some parameters have a momentum buffer and
@@ -179,7 +179,7 @@ def build_optimizer(params, cfg: Config, device: torch.device | None = None):
                 for p in group["params"]:
                     opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return opt
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr_used, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_scheduler(optimizer, cfg: Config, epochs: int):

@@ -44,3 +44,32 @@ def make_image_folder(root: Path, train_per_class: int = 50, test_per_class: int
     if corrupt:
         (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" + bytes(range(256)))
     return root
+
+
+def make_glyph_folder(root: Path, train_per_class: int = 100, test_per_class: int = 20, size: int = 32,
+                      seed: int = 0) -> Path:
+    """root/{train,test}/<digit>/*.png -> root: 10 classes of class-structured images, like a
+    user's own small folder (scikit-learn's digits, say): the digit drawn in PIL's scalable
+    default font, at a random size, position and rotation, light on dark in a random tint, with noise."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for digit in range(10):
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                # light strokes on a dark ground, as scanned digits are stored, each tinted
+                ink, paper = rng.integers(170, 256) - rng.integers(0, 40, 3), rng.integers(0, 70) + rng.integers(0, 30, 3)
+                image = Image.new("RGB", (size, size), tuple(int(c) for c in paper))
+                font = ImageFont.load_default(size=float(rng.uniform(0.55, 0.85) * size))
+                draw = ImageDraw.Draw(image)
+                left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
+                x = (size - (right - left)) / 2 - left + rng.uniform(-3, 3)
+                y = (size - (bottom - top)) / 2 - top + rng.uniform(-3, 3)
+                draw.text((x, y), str(digit), font=font, fill=tuple(int(c) for c in ink))
+                image = image.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR,
+                                     fillcolor=tuple(int(c) for c in paper))
+                pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 12, (size, size, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{split}_{digit}_{i}.png")
+    return root
