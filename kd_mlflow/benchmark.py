@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from .config import Config, ConfigError
+from .config import COMMON_FIELDS, Config, ConfigError
 from .modes import DISTILLATION_MODES, EXECUTION, MODES
 
 # Config fields a benchmark takes (everything else: each mode's own defaults).
@@ -97,13 +97,13 @@ def plan(modes: str, seeds: int, values: dict, first_seed: int = 0) -> tuple[lis
     for mode in list(chosen):
         if MODES[mode].needs:
             name, note = MODES[mode].needs
-            if not Config(**{name: values.get(name, "")}).list_of(name):
+            if not Config.for_mode(mode, **{name: values.get(name, "")}).list_of(name):
                 chosen.remove(mode)
                 notes.append(f"{mode} skipped: {note}")
     configs = []
     for seed in range(int(first_seed), int(first_seed) + int(seeds)):
         for mode in chosen:
-            cfg = Config.for_mode(mode, **values, seed=seed)
+            cfg = Config.for_mode(mode, **Config.taken_by(mode, values), seed=seed)
             try:
                 cfg.validate()
             except ConfigError as exc:
@@ -249,11 +249,11 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     for note in notes:
         echo(f"note: {note}")
     teacher_arch = precheck(configs)
-    base = Config(**{k: v for k, v in values.items()})
+    base = Config(**{k: v for k, v in values.items() if k in COMMON_FIELDS})
     params = {"modes": modes, "seeds": int(seeds), "first_seed": int(first_seed), "register": int(bool(register)),
               "jobs": jobs,
               **opts.params(),
-              **{k: getattr(base, k) for k in BENCHMARK_FIELDS}}
+              **{k: values[k] if k in values else Config.parameter(k).default for k in BENCHMARK_FIELDS}}
     tags = {"mode": "benchmark", "dataset": base.dataset, "student": base.student,
             "teacher": teacher_arch or base.teacher,
             "benchmark_modes": ",".join(dict.fromkeys(c.mode for c in configs)),

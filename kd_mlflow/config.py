@@ -120,6 +120,16 @@ class Config:
         return cls(mode=mode, **{**defaults, **values})
 
     @classmethod
+    def taken_by(cls, mode: str, values: dict) -> dict:
+        """The ``values`` that ``mode`` takes (common fields and its own parameters): a
+        multi-run command's options (benchmark, sweep, tune) apply to the modes that have
+        them, e.g. ``teachers`` to allkd only."""
+        from .modes import MODES
+
+        own = {p.name for p in MODES[mode].params} if mode in MODES else set()
+        return {k: v for k, v in values.items() if k in COMMON_FIELDS or k in own}
+
+    @classmethod
     def default_for(cls, mode: str, name: str):
         return cls.parameter(name, mode).default
 
@@ -146,16 +156,20 @@ class Config:
             raise TypeError(f"Config got unknown parameter(s): {', '.join(unknown)}")
 
     def __getattr__(self, name: str):
-        # Only reached for names that are not common fields: a mode's own parameters.
+        # Only reached for names that are not common fields: a mode's own parameters. A
+        # parameter the mode does not declare has no value here (not another mode's default).
+        from .modes import MODES
+
         if name.startswith("__") or name == "method":
             raise AttributeError(name)
         method = self.__dict__.get("method", {})
         if name in method:
             return method[name]
-        try:
-            return type(self).parameter(name, self.__dict__.get("mode")).default
-        except KeyError:
-            raise AttributeError(f"Config has no parameter {name!r}") from None
+        mode = self.__dict__.get("mode")
+        own = MODES[mode].param(name) if mode in MODES else None
+        if own is not None:
+            return own.default
+        raise AttributeError(f"mode {mode!r} has no parameter {name!r}")
 
     @property
     def network(self) -> str:
@@ -235,7 +249,7 @@ class Config:
             )
         self._validate_images()
         for name in ("student", "teacher", "arch"):
-            value = getattr(self, name)
+            value = getattr(self, name) if name in uses else ""
             if name in uses and not value.startswith("pretrained:") and not is_known_architecture(value):
                 raise ConfigError(
                     f"unknown {name} architecture {value!r}; choose one of: {', '.join(ARCHITECTURES)}"
@@ -334,11 +348,28 @@ _dataclass_init = Config.__init__
 
 
 def _config_init(self, mode: str = "kd", method: dict | None = None, **values) -> None:
-    """Common fields as dataclass fields; every other keyword is a mode's parameter and
-    goes into ``method`` (dataclasses.replace passes ``method`` back in, changes on top)."""
+    """Common fields as dataclass fields; every other keyword is one of the mode's own
+    parameters and goes into ``method``; a name the mode does not declare is refused in one
+    line that names the mode's parameters. ``method`` is what dataclasses.replace passes
+    back in: a replace(mode=...) keeps the parameters the new mode declares (a kdparam
+    run's kd stages keep temperature and alpha, not the grid)."""
+    from .modes import MODES
+
     common = {k: v for k, v in values.items() if k in COMMON_FIELDS}
-    own = {**(method or {}), **{k: v for k, v in values.items() if k not in COMMON_FIELDS}}
-    _dataclass_init(self, mode=mode, method=own, **common)
+    given = {k: v for k, v in values.items() if k not in COMMON_FIELDS}
+    if mode in MODES:
+        declared = {p.name for p in MODES[mode].params}
+        unknown = sorted(set(given) - declared)
+        if unknown:
+            from .modes import modes_taking
+
+            where = "; ".join(f"{k} belongs to {', '.join(modes_taking(k))}" for k in unknown if modes_taking(k))
+            raise ConfigError(f"mode {mode} has no parameter {', '.join(unknown)}"
+                              + (f" ({where})" if where else "")
+                              + f"; its own parameters: {', '.join(sorted(declared)) or 'none'} "
+                              f"(and the common ones: `kd-mlflow train {mode} --help`)")
+        method = {k: v for k, v in (method or {}).items() if k in declared}
+    _dataclass_init(self, mode=mode, method={**(method or {}), **given}, **common)
 
 
 Config.__init__ = _config_init

@@ -48,7 +48,7 @@ def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict, fir
     configs = []
     for value in grid:
         for seed in range(int(first_seed), int(first_seed) + int(seeds)):
-            cfg = Config.for_mode(mode, **common, seed=seed, **{param: value})
+            cfg = Config.for_mode(mode, **{**Config.taken_by(mode, common), "seed": seed, param: value})
             try:
                 cfg.validate()
             except ConfigError as exc:

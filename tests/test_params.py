@@ -34,10 +34,28 @@ def test_config_keeps_only_common_fields_and_modes_declare_the_rest():
 
 
 def test_a_typo_in_a_parameter_name_fails_at_construction():
-    with pytest.raises(TypeError, match="triplet_margn"):
+    with pytest.raises(ConfigError, match="mode triplet has no parameter triplet_margn; its own parameters: alpha, "):
         Config.for_mode("triplet", triplet_margn=0.3)
     with pytest.raises(AttributeError, match="dkd_alhpa"):
         Config.for_mode("kd").dkd_alhpa
+
+
+def test_a_parameter_the_mode_does_not_declare_is_refused_not_read_as_another_modes_default():
+    # beta is oh's, pkd's and sfd's weight: kd has none, neither as a value nor as a default
+    with pytest.raises(ConfigError, match=r"mode kd has no parameter beta \(beta belongs to oh, pkd, sfd\); "
+                                          r"its own parameters: alpha, labeled_fraction, logit_standardization, "
+                                          r"temperature"):
+        Config.for_mode("kd", beta=5.0)
+    with pytest.raises(AttributeError, match="mode 'kd' has no parameter 'beta'"):
+        Config.for_mode("kd").beta
+    assert Config.for_mode("oh").beta == 1e-3 and Config.for_mode("pkd").beta == 10.0
+    # a strategy's stage keeps what the stage's mode declares, not the strategy's grid
+    stage = Config.for_mode("kdparam", temperatures="2,4", alphas="0.5").replace(mode="kd", temperature=2.0)
+    assert stage.temperature == 2.0 and stage.alpha == 0.9 and "temperatures" not in stage.method
+    assert "temperatures" not in stage.params() and set(stage.params()) >= {"temperature", "alpha"}
+    # a multi-run command's options reach the modes that take them
+    assert Config.taken_by("kd", {"teachers": "a,b", "epochs": 3, "temperature": 2.0}) == {"epochs": 3,
+                                                                                         "temperature": 2.0}
 
 
 def test_validation_comes_from_the_declared_check():

@@ -182,7 +182,7 @@ def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_ac
             raise ConfigError(f"--search grid trains every combination of choice values; {', '.join(ranges)} is a "
                               f"range: give choice:A,B,...")
         trials = math.prod(len(d.values) for d in dims)
-    base = Config.for_mode(mode, **common, seed=seed)
+    base = Config.for_mode(mode, **Config.taken_by(mode, common), seed=seed)
     base.validate()
     if search != "grid" and not 1 <= grace_epochs < base.epochs:
         raise ConfigError(f"--grace-epochs must be >= 1 and below epochs ({base.epochs}): a trial is judged after "
