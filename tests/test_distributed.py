@@ -48,8 +48,9 @@ def test_the_launched_processes_parse_exactly_the_launchers_config(mode):
     from kd_mlflow.config import Config
     from kd_mlflow.modes import MODES
 
-    cfg = Config.for_mode(mode, nproc_per_node=2, lr=0.05, temperature=2.5, compile=True, teacher_checkpoint="",
-                          alphas="0.1,0.9", experiment="a b", batch_size=64)
+    cfg = Config.for_mode(mode, **Config.taken_by(mode, dict(  # each mode gets the ones it declares
+        nproc_per_node=2, lr=0.05, temperature=2.5, compile=True, teacher_checkpoint="", alphas="0.1,0.9",
+        experiment="a b", batch_size=64)))
     args = _cli_args(cfg)
     group = train if args[0] == "train" else main
     name, rest = (args[1], args[2:]) if args[0] == "train" else (args[0], args[1:])
