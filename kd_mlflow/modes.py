@@ -228,7 +228,7 @@ _ALL = [
     Mode("ab", "Activation-boundary transfer on pre-ReLU stage features, then KD.", "distiller",
          _kd(Param("ab_epochs", "int", 0, "ab: epochs of activation-boundary initialisation (0 = 10% of epochs, >= 1).",
                    _ab_epochs),
-             Param("ab_margin", "float", 1.0, "ab: margin of the activation-boundary loss.", above(0)), LS),
+             Param("ab_margin", "float", 1.0, "ab: margin of the activation-boundary loss.", above(0))),
          "kd_mlflow.distillers.ab:ActivationBoundaries"),
     Mode("oh", "Overhaul of feature distillation: pre-ReLU features, teacher-BN margins, partial L2.",
          "distiller", _features(BETA.but(default=1e-3)), "kd_mlflow.distillers.oh:Overhaul"),
@@ -236,10 +236,10 @@ _ALL = [
          _kd(Param("rkd_distance_weight", "float", 25.0, "rkd: weight of the distance-wise term.", at_least(0)),
              # 0, not the paper's 50: the recorded sweep and a 5-seed check (docs/benchmark/).
              Param("rkd_angle_weight", "float", 0.0, "rkd: weight of the angle-wise term (0: distance only, "
-                   "RKD-D; the paper's RKD-DA uses 50).", at_least(0)), LS),
+                   "RKD-D; the paper's RKD-DA uses 50).", at_least(0))),
          "kd_mlflow.distillers.rkd:RelationalKD"),
     Mode("pkd", "KD plus patient (normalised pooled stage feature) losses.", "distiller",
-         _kd(BETA.but(default=10.0), LS), "kd_mlflow.distillers.pkd:PatientKD"),
+         _kd(BETA.but(default=10.0)), "kd_mlflow.distillers.pkd:PatientKD"),
     Mode("sfd", "CE plus L2 between global-max-pooled student (via connector) and teacher stage features.",
          "distiller", _features(BETA.but(default=0.3)), "kd_mlflow.distillers.sfd:SimpleFeatureKD"),
     Mode("dkd", "Decoupled KD: CE plus target-class and non-target-class KD, separately weighted, warmed up.",

@@ -80,7 +80,7 @@ def assert_clean_error(result, *needles):
     # logits are not what feature modes compare: one line naming the modes that take it
     (["train", "oh", "--logit-standardization", "true"], ["mode oh has no parameter logit_standardization",
                                                           "kd", "dkd", "dist"]),
-    (["train", "sfd", "--logit_standardization=true"], ["mode sfd has no parameter logit_standardization"]),
+    (["train", "pkd", "--logit_standardization=true"], ["mode pkd has no parameter logit_standardization"]),
 ])
 def test_bad_parameter(workdir, args, needles):
     assert_clean_error(invoke([*args, *TINY[:0]]), *needles)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kd_mlflow.augment import normalize, rand_augment, strong_augment, to_uint8
-from kd_mlflow.config import Config
+from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split
 from kd_mlflow.distillers.kd import MultiTeacherKD, multi_teacher_kd_loss
 from kd_mlflow.distillers.triplet import TripletKD, hardest_negatives, triplet_logit_loss
@@ -310,8 +310,11 @@ def test_semi_supervised_baselines_train_on_the_same_labels_as_uda():
     for cls, mode in ((NoKD, "nokd"), (HintonKD, "kd")):
         same = cls.adapt_data(data, Config.for_mode(mode, labeled_fraction=0.25, seed=7))
         assert torch.equal(same.train.x, uda.train.x) and torch.equal(same.train.y, uda.train.y), mode
-    # a mode without the parameter ignores a value a benchmark passes to every mode
-    assert RelationalKD.adapt_data(data, Config.for_mode("rkd", labeled_fraction=0.25, seed=7)) is data
+    # a mode without the parameter refuses it, and a benchmark passes it only to the modes that take it
+    with pytest.raises(ConfigError, match="mode rkd has no parameter labeled_fraction"):
+        Config.for_mode("rkd", labeled_fraction=0.25, seed=7)
+    rkd = Config.for_mode("rkd", **Config.taken_by("rkd", {"labeled_fraction": 0.25, "seed": 7}))
+    assert RelationalKD.adapt_data(data, rkd) is data
     assert "labeled_fraction" in Config.for_mode("nokd", labeled_fraction=0.25).params()
 
 
@@ -380,7 +383,7 @@ def build(mode, channels, **cfg_values):
     else:
         teachers = [create_model("resnet14", 10, channels)]
     cls = {"multikd": MultiTeacherKD, "triplet": TripletKD, "uda": UDAKD}[mode]
-    cfg = Config.for_mode(mode, batch_size=4, **cfg_values)
+    cfg = Config.for_mode(mode, batch_size=4, **Config.taken_by(mode, cfg_values))  # uda_threshold: uda's
     return cls(student, teachers, cfg), cfg
 
 

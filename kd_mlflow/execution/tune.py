@@ -189,7 +189,9 @@ def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_ac
                           f"that many epochs and may be stopped; got {grace_epochs}")
     check_space(base, dims)
     precheck([base])
-    defaults = {d.name: getattr(base, d.name) for d in dims}
+    # optimizer=auto and lr=0 mean the network's recipe: the first trial is what they resolve to
+    resolved = {"optimizer": base.optimizer_used, "lr": base.lr_used}
+    defaults = {d.name: resolved.get(d.name, getattr(base, d.name)) for d in dims}
     first = [defaults] if all(d.contains(defaults[d.name]) for d in dims) else []
 
     params = {"tune_mode": mode, "space": " ".join(d.spec() for d in dims), "search": search, "trials": int(trials),
