@@ -130,7 +130,7 @@ def run_config(cfg: Config) -> None:
     click.echo(f"  run id        {result.run_id}")
     if result.registered_model:
         click.echo(f"  registered    models:/{result.registered_model}/{result.version}")
-    elif cfg.smoke and not cfg.registered_model:
+    elif not cfg.registers:
         click.echo(f"  registered    no: a smoke run ({cfg.smoke}); name it with --registered-model to register it")
     click.echo(f"  tracking URI  {shown_tracking_uri()}")
     click.echo(f"  open the UI:  {_ui_hint()}")

@@ -20,9 +20,9 @@ from .errors import ConfigError  # here too: `from .config import ConfigError` i
 from .modes import Param, above, at_least, within  # noqa: F401  (declared beside the registry; re-exported)
 
 
-# `kd-mlflow server` defaults: here, so that the CLI reads them without importing server.py.
 RECIPE_LR = {"sgd": 0.1, "adamw": 1e-3}  # lr=0: the optimizer's usual initial rate
 
+# `kd-mlflow server` defaults: here, so that the CLI reads them without importing server.py.
 DEFAULT_BACKEND_STORE_URI = "postgresql://kd_mlflow@127.0.0.1:5432/kd_mlflow"
 BACKEND_ENV = "KD_SERVER_BACKEND_STORE_URI"
 DEFAULT_ARTIFACTS = "./mlartifacts"
@@ -199,6 +199,12 @@ class Config:
                          if getattr(self, name))
 
     @property
+    def registers(self) -> bool:
+        """Whether this run's student goes to the registry: a smoke run only when
+        registered_model names it (a strategy's stages and teachers follow the strategy's)."""
+        return not self.smoke or bool(self.registered_model)
+
+    @property
     def model_name(self) -> str:
         if self.registered_model:
             return self.registered_model
@@ -249,8 +255,10 @@ class Config:
             )
         self._validate_images()
         for name in ("student", "teacher", "arch"):
-            value = getattr(self, name) if name in uses else ""
-            if name in uses and not value.startswith("pretrained:") and not is_known_architecture(value):
+            if name not in uses:
+                continue
+            value = getattr(self, name)
+            if not value.startswith("pretrained:") and not is_known_architecture(value):
                 raise ConfigError(
                     f"unknown {name} architecture {value!r}; choose one of: {', '.join(ARCHITECTURES)}"
                 )

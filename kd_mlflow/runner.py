@@ -107,8 +107,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     """One training: build the student, fit, measure test_acc once on the selected
     (best validation) student, and log figures, config, checkpoint and model."""
     seed_everything(cfg.seed)
-    if register and cfg.smoke and not cfg.registered_model:
-        register = False  # a smoke run's student stays a logged model; the registry keeps real ones
+    register = register and cfg.registers  # a smoke run's student stays a logged model unless named
     info = data.info
     student = create_model(cfg.network, info.num_classes, info.in_channels)
     distiller = distiller_cls(student, teachers, cfg)

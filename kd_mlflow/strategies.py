@@ -64,9 +64,8 @@ def _finish(cfg: Config, tracker, best: TrainResult, summary: dict) -> TrainResu
     tracker.log_metrics({**{k: v for k, v in selected.items() if v is not None}, "best_val_acc": best.best_val_acc,
                          "best_epoch": best.best_epoch, **summary})
     tracker.set_tags({"selected_run_id": best.run_id or ""})
-    registers = best.model_uri and (not cfg.smoke or cfg.registered_model)  # a smoke run only when named
     version = tracker.register(best.model_uri, cfg.model_name, strategy_card(cfg, best.card, tracker.run_id)) \
-        if registers else None
+        if best.model_uri and cfg.registers else None
     return TrainResult(tracker.run_id, best.test_acc, best.best_val_acc, best.best_epoch,
                        cfg.model_name if version is not None else None, version, best.checkpoint,
                        best.history, best.model_uri, best.model, best.test_acc_last, best.test_correct,
@@ -216,7 +215,7 @@ class AllKD(Strategy):
     def _train_teacher(self, cfg, plan: TeacherPlan, i: int, data, tracker, rt):
         """Train an architecture that has no checkpoint with the teacher procedure,
         register it as <dataset>-<arch>-teacher, and hand it over frozen."""
-        registers = not cfg.smoke or bool(cfg.registered_model)  # a smoke run's teacher only when named
+        registers = cfg.registers
         teacher_cfg = cfg.replace(mode="teacher", arch=plan.arch, epochs=cfg.teacher_epochs or cfg.epochs,
                                   registered_model=f"{cfg.dataset}-{plan.arch}-teacher" if registers else "",
                                   output="")
@@ -318,7 +317,7 @@ class TAKD(Strategy):
         for i, arch in enumerate(chain, start=1):
             is_assistant = i <= len(assistants)
             role = "assistant" if is_assistant else "student"
-            registers = is_assistant and (not cfg.smoke or bool(cfg.registered_model))
+            registers = is_assistant and cfg.registers
             child_cfg = _kd_child_cfg(cfg, student=arch, teacher=prev_arch, teacher_checkpoint=prev_source,
                                       registered_model=assistant_model_name(cfg, arch) if registers else "")
             res = train_child(cfg, child_cfg, HintonKD, data, [prev_model], tracker, rt,
