@@ -94,7 +94,8 @@ BENCH_JOBS ?= 1
 BENCH_THREADS ?= 0
 BENCH_REGIME = --teacher pretrained:fashion_mnist-resnet20 --train-subset 5000 --val-size 5000 --epochs 20 \
 	--threads $(BENCH_THREADS)
-BENCH_SINGLE = nokd,kd,triplet,multikd,uda,ab,oh,rkd,pkd,sfd,dkd,dist,crd
+# Every single-training mode the package has (built-in methods and installed ones).
+BENCH_SINGLE = $(shell $(BIN)/kd-mlflow modes --kind distiller)
 
 # Seeds 0-2 of every mode first, so that an interrupted run already has a whole table.
 BENCH_ENSEMBLE = --ensemble pretrained:fashion_mnist-resnet20,pretrained:fashion_mnist-resnet14

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from kd_mlflow.config import Config  # noqa: E402
-from kd_mlflow.distillers.kd import HintonKD  # noqa: E402
+from kd_mlflow.methods.kd.distiller import HintonKD  # noqa: E402
 from kd_mlflow.models import create_model  # noqa: E402
 from kd_mlflow.tracking import NullTracker  # noqa: E402
 from kd_mlflow.trainer import Trainer, resolve_device, resolve_precision  # noqa: E402

@@ -64,7 +64,8 @@ sys.path.insert(0, str(REPO))
 
 from kd_mlflow.config import Config  # noqa: E402
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split, load_data  # noqa: E402
-from kd_mlflow.distillers.kd import HintonKD, hinton_kd_loss  # noqa: E402
+from kd_mlflow.methods.kd.distiller import HintonKD  # noqa: E402
+from kd_mlflow.methods.logits import hinton_kd_loss  # noqa: E402
 from kd_mlflow.models import create_model  # noqa: E402
 from kd_mlflow.modes import MODES  # noqa: E402
 from kd_mlflow.tracking import NullTracker  # noqa: E402

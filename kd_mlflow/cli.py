@@ -226,6 +226,40 @@ def teacher_command(**kwargs):
     run_config(cfg)
 
 
+@main.command(name="modes")
+@click.option("--kind", type=click.Choice(["distiller", "strategy", "teacher"]),
+              help="Only the names of this kind, comma-separated (what a Makefile or script reads).")
+@click.option("--markdown", is_flag=True, help="The README's modes table.")
+def modes_command(kind: str | None, markdown: bool) -> None:
+    """The modes this installation has: the built-in methods and other packages'."""
+    if kind:
+        click.echo(",".join(name for name, m in MODES.items() if m.kind == kind))
+        return
+    if markdown:
+        click.echo(modes_markdown())
+        return
+    width = max(len(n) for n in MODES)
+    for name, m in MODES.items():
+        origin = "" if m.origin == "kd_mlflow" else f"  [{m.origin}]"
+        click.echo(f"{name:<{width}}  {m.kind:<9}  {m.summary}{origin}")
+
+
+def modes_markdown() -> str:
+    """The built-in modes as a Markdown table: name, kind, summary, own parameters with defaults."""
+    def default(p):
+        if isinstance(p.default, bool):
+            return f"`{str(p.default).lower()}`"
+        return f"`{p.default}`" if p.default != "" else "(none)"
+
+    lines = ["| mode | kind | what it does | its own parameters (defaults) |", "|---|---|---|---|"]
+    for name, m in MODES.items():
+        if m.origin != "kd_mlflow":
+            continue
+        own = ", ".join(f"`{p.name}` {default(p)}" for p in m.params) or "common ones only"
+        lines.append(f"| [`{name}`](kd_mlflow/methods/{name}/) | {m.kind} | {m.summary} | {own} |")
+    return "\n".join(lines)
+
+
 @main.command(name="mlproject")
 @click.option("--check", is_flag=True, help="Exit 1 if MLproject differs from the registry instead of writing it.")
 @click.option("--path", default="MLproject", show_default=True)
@@ -359,7 +393,7 @@ def benchmark_command(modes: str, seeds: int, register: int, **values) -> None:
 
 @main.command(name="sweep")
 @click.argument("mode")
-@click.option("--param", required=True, help="The mode's numeric parameter to vary, e.g. beta.")
+@click.option("--param", required=True, help="The mode's numeric parameter to vary, e.g. pkd_weight.")
 @click.option("--values", "grid", required=True, help="Comma-separated values, e.g. 1,10,100.")
 @click.option("--output", default="", help="Also write the per-value table to this CSV file.")
 @functools.partial(_common_run_options, skip=("ensemble", "teachers", "temperatures", "alphas"))

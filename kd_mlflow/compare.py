@@ -153,6 +153,10 @@ def logged_value(run, name: str, mode: str = "") -> str:
     if name in params:
         return normalize_value(params[name])
     mode = mode or params.get("mode") or run.data.tags.get("mode", "")
+    if mode in MODES:
+        old = next((o for o, new in MODES[mode].renamed if new == name and o in params), None)
+        if old is not None:  # logged before the parameter was renamed
+            return normalize_value(params[old])
     if mode in MODES and name in MODES[mode].fields:
         return normalize_value(Config.parameter(name, mode).default)
     return normalize_value(None)
@@ -248,7 +252,10 @@ def _row(run, **extra) -> dict:
 
 
 def _mode_specific(run) -> tuple[str, ...]:
-    return tuple(sorted(k for k in run.data.params if k not in NOT_SETTINGS and k not in COMMON_SETTINGS))
+    """The run's own parameters, by their current names."""
+    mode = MODES.get(run.data.tags.get("mode", ""))
+    names = (k for k in run.data.params if k not in NOT_SETTINGS and k not in COMMON_SETTINGS)
+    return tuple(sorted(mode.current_name(k) if mode else k for k in names))
 
 
 def select_runs(runs: list) -> tuple[list, list[dict], dict]:
@@ -274,7 +281,7 @@ def select_runs(runs: list) -> tuple[list, list[dict], dict]:
     # Shown as the runs logged them (the comparison itself uses the normalised values).
     settings = {n: agreeing[0].data.params.get(n, "") for n in COMMON_SETTINGS} if agreeing else {}
 
-    # Within a mode, its own parameters (temperature, alpha, beta, ...) must agree too.
+    # Within a mode, its own parameters (temperature, alpha, pkd_weight, ...) must agree too.
     by_mode: dict[tuple, list] = {}
     for r in agreeing:
         by_mode.setdefault((r.data.tags["mode"], r.data.tags.get("teacher", "")), []).append(r)

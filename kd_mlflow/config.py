@@ -113,7 +113,7 @@ class Config:
     # ----------------------------------------------------------------- helpers
     @classmethod
     def for_mode(cls, mode: str, **values) -> "Config":
-        """A Config with the mode's own parameter defaults (e.g. beta) under the given values."""
+        """A Config with the mode's own parameter defaults (e.g. pkd_weight) under the given values."""
         from .modes import MODES
 
         defaults = {p.name: p.default for p in MODES[mode].params} if mode in MODES else {}
@@ -174,7 +174,9 @@ class Config:
     @property
     def network(self) -> str:
         """The architecture this run trains."""
-        return self.arch if self.mode == "teacher" else self.student
+        from .modes import MODES
+
+        return getattr(self, MODES[self.mode].network if self.mode in MODES else "student")
 
     @property
     def optimizer_used(self) -> str:
@@ -231,10 +233,6 @@ class Config:
             raise ConfigError(
                 f"{name}={getattr(self, name)!r} is not a comma-separated list of numbers; e.g. -P {name}=1,2,4"
             ) from None
-
-    @property
-    def ab_init_epochs(self) -> int:
-        return self.ab_epochs or max(1, round(0.1 * self.epochs))
 
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.environ.get("KD_DATA_DIR", "")
@@ -316,9 +314,6 @@ class Config:
                     raise ConfigError(f"{name} applies to dataset=imagefolder only; {self.dataset} keeps its "
                                       f"native size and statistics (drop -P {name})")
             return
-        if self.mode == "teacher" and not self.output:
-            raise ConfigError("the teacher entry point on dataset=imagefolder needs -P output=FILE: pretrained/ "
-                              "holds the built-in datasets' teachers, and 'imagefolder' names no particular folder")
         if self.image_size != 0 and self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 (0 = 224), got {self.image_size}")
         for name in ("mean", "std"):
@@ -371,7 +366,10 @@ def _config_init(self, mode: str = "kd", method: dict | None = None, **values) -
         if unknown:
             from .modes import modes_taking
 
-            where = "; ".join(f"{k} belongs to {', '.join(modes_taking(k))}" for k in unknown if modes_taking(k))
+            renamed = dict(MODES[mode].renamed)
+            where = "; ".join([f"{k} is now {renamed[k]}" for k in unknown if k in renamed]
+                              + [f"{k} belongs to {', '.join(modes_taking(k))}" for k in unknown
+                                 if k not in renamed and modes_taking(k)])
             raise ConfigError(f"mode {mode} has no parameter {', '.join(unknown)}"
                               + (f" ({where})" if where else "")
                               + f"; its own parameters: {', '.join(sorted(declared)) or 'none'} "

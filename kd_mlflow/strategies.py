@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .distillers.base import NoKD
-from .distillers.kd import HintonKD
+from .methods.base import NoKD
+from .methods.kd.distiller import HintonKD
 from .models import ARCHITECTURES, is_known_architecture
 from .runner import Runtime, TrainResult, release_workdir, train_student
 from .teachers import load_teacher, teacher_source

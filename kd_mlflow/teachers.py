@@ -153,7 +153,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
     teacher_finetune_epochs) get their new classifier trained on the frozen network, on
     the run's training split, selected by validation accuracy, each in a nested run
     ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
-    from .distillers.base import NoKD
+    from .methods.base import NoKD
     from .runner import RUNS_DIR, release_workdir
     from .trainer import Trainer, count_correct, exported_test_batches, seed_everything
 

@@ -226,8 +226,9 @@ def unique_experiment(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def mlflow_run(entry: str, server: str, experiment: str, params: dict, check: bool = True):
-    """`mlflow run . -e ENTRY --env-manager local` from the repo root, against ``server``."""
+def mlflow_run(entry: str, server: str, experiment: str, params: dict, check: bool = True, env: dict | None = None):
+    """`mlflow run . -e ENTRY --env-manager local` from the repo root, against ``server``
+    (``env``: more environment variables)."""
     cmd = [str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local",
            "--experiment-name", experiment]
     for k, v in params.items():
@@ -236,7 +237,7 @@ def mlflow_run(entry: str, server: str, experiment: str, params: dict, check: bo
     # mlflow.set_experiment left in os.environ would make `mlflow run` refuse both options.
     inherited = {k: v for k, v in os.environ.items()
                  if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    env = {**inherited, "MLFLOW_TRACKING_URI": server, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**inherited, "MLFLOW_TRACKING_URI": server, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

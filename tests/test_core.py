@@ -7,8 +7,8 @@ import torch
 
 from kd_mlflow.config import Config
 from kd_mlflow.data import DATASETS, DeviceBatches, Split, load_arrays, load_data
-from kd_mlflow.distillers.base import NoKD
-from kd_mlflow.distillers.kd import HintonKD
+from kd_mlflow.methods.base import NoKD
+from kd_mlflow.methods.kd.distiller import HintonKD
 from kd_mlflow.models import create_model
 from kd_mlflow.runner import Runtime, train_student
 from kd_mlflow.tracking import NullTracker

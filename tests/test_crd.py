@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kd_mlflow.config import Config
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split
-from kd_mlflow.distillers.crd import CRD, nce_loss
+from kd_mlflow.methods.crd.distiller import CRD, nce_loss
 from kd_mlflow.models import create_model
 from kd_mlflow.tracking import NullTracker
 from kd_mlflow.trainer import Trainer, seed_everything
@@ -261,7 +261,7 @@ def test_bank_scores_dense_and_gathered_agree(monkeypatch):
     The claim is a mathematical identity, so both sides run in float64: the two paths sum
     in different orders, and in float32 the anchor gradients (about 1e5, exp(score / 0.07))
     differ by a few ulps that depend on the CPU's kernels (AVX2, AVX-512, AMX)."""
-    from kd_mlflow.distillers import crd
+    from kd_mlflow.methods.crd import distiller as crd
 
     g = torch.Generator().manual_seed(0)
     memory = F.normalize(torch.randn(50, 8, generator=g, dtype=torch.float64), dim=1)

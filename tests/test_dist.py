@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kd_mlflow.config import Config
-from kd_mlflow.distillers.dist import DIST, dist_relations
+from kd_mlflow.methods.dist.distiller import DIST, dist_relations
 from kd_mlflow.models import create_model
 from test_logit_losses import ref_softmax as softmax
 

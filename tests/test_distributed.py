@@ -114,7 +114,7 @@ def _train_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
     as_rank(rank, world, port)
     from kd_mlflow import distributed
     from kd_mlflow.data import DataBundle
-    from kd_mlflow.distillers.ab import ActivationBoundaries
+    from kd_mlflow.methods.ab.distiller import ActivationBoundaries
     from kd_mlflow.models import create_model
     from kd_mlflow.tracking import NullTracker
     from kd_mlflow.trainer import Trainer, evaluate, seed_everything

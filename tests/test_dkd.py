@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kd_mlflow.config import Config
-from kd_mlflow.distillers.dkd import DecoupledKD, dkd_parts, dkd_terms
+from kd_mlflow.methods.dkd.distiller import DecoupledKD, dkd_parts, dkd_terms
 from kd_mlflow.models import create_model
 from test_logit_losses import ref_kl as kl, ref_softmax as softmax
 

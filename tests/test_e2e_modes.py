@@ -14,24 +14,13 @@ pytestmark = pytest.mark.e2e
 ONE_EPOCH = {**TINY, "epochs": 1}
 
 # Every single-training mode of the registry runs here, except those with a test of their
-# own (below, or nokd/kd in test_e2e_core.py). Extra parameters and the loss terms to expect:
+# own (below, or nokd/kd in test_e2e_core.py), with the loss terms its declaration names.
 OWN_TEST = {"nokd", "kd", "ab", "multikd"}
 EXTRA = {
     "uda": {"labeled_fraction": 0.5},
     "dist": {"logit_standardization": "true"},  # a boolean parameter through -P
 }
-TERMS = {
-    "triplet": ("ce", "kd", "triplet"),
-    "uda": ("ce", "kd", "kd_strong", "uda"),
-    "oh": ("ce", "oh"),
-    "rkd": ("ce", "kd", "rkd_distance"),  # the default is distance only (rkd_angle_weight 0)
-    "pkd": ("ce", "kd", "pkd"),
-    "sfd": ("ce", "sfd"),
-    "dkd": ("ce", "tckd", "nckd"),
-    "dist": ("ce", "dist_inter", "dist_intra"),
-    "crd": ("ce", "kd", "crd"),
-}
-SINGLE = {m: (EXTRA.get(m, {}), TERMS.get(m, ("ce",)))
+SINGLE = {m: (EXTRA.get(m, {}), spec.terms)
           for m, spec in MODES.items() if spec.kind == "distiller" and m not in OWN_TEST}
 
 

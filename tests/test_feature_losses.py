@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from kd_mlflow.config import Config
-from kd_mlflow.distillers.ab import ActivationBoundaries, ab_loss
-from kd_mlflow.distillers.features import match_spatial, paired_stages, teacher_pre_relu
-from kd_mlflow.distillers.oh import Overhaul, overhaul_margin, partial_l2
-from kd_mlflow.distillers.pkd import PatientKD, pkd_stage_loss
-from kd_mlflow.distillers.rkd import RelationalKD, rkd_losses
-from kd_mlflow.distillers.sfd import SimpleFeatureKD, sfd_stage_loss
+from kd_mlflow.methods.ab import initialisation_epochs
+from kd_mlflow.methods.ab.distiller import ActivationBoundaries, ab_loss
+from kd_mlflow.methods.features import match_spatial, paired_stages, teacher_pre_relu
+from kd_mlflow.methods.oh.distiller import Overhaul, overhaul_margin, partial_l2
+from kd_mlflow.methods.pkd.distiller import PatientKD, pkd_stage_loss
+from kd_mlflow.methods.rkd.distiller import RelationalKD, rkd_losses
+from kd_mlflow.methods.sfd.distiller import SimpleFeatureKD, sfd_stage_loss
 from kd_mlflow.models import create_model
 from kd_mlflow.modes import MODES
 
@@ -388,7 +389,7 @@ def test_ab_distiller_value(teacher_name):
 
 @pytest.mark.parametrize("teacher_name", ["resnet18", "wrn-16-2"])
 def test_oh_distiller_value(teacher_name):
-    d, x, y = _setup("oh", "resnet8", teacher_name, beta=0.5)
+    d, x, y = _setup("oh", "resnet8", teacher_name, oh_weight=0.5)
     logits, losses = d(x, y)
     s, _, pairs = _pairs_with_features(d, x, pre_relu=True)
     bns = d.teacher.bn_before_relu()[-3:]
@@ -430,7 +431,7 @@ def test_rkd_default_is_distance_only_and_skips_the_angles():
 
 @pytest.mark.parametrize("teacher_name", ["resnet14", "resnet18"])  # equal widths / widths differ
 def test_pkd_distiller_value(teacher_name):
-    d, x, y = _setup("pkd", "resnet8", teacher_name, alpha=0.3, beta=10.0)
+    d, x, y = _setup("pkd", "resnet8", teacher_name, alpha=0.3, pkd_weight=10.0)
     logits, losses = d(x, y)
     s, tf, _ = _pairs_with_features(d, x)
     want = 0.0
@@ -447,7 +448,7 @@ def test_pkd_distiller_value(teacher_name):
 
 
 def test_sfd_distiller_value():
-    d, x, y = _setup("sfd", "resnet8", "resnet18", beta=2.0)
+    d, x, y = _setup("sfd", "resnet8", "resnet18", sfd_weight=2.0)
     logits, losses = d(x, y)
     s, tf, _ = _pairs_with_features(d, x)
     want = 0.0
@@ -495,7 +496,7 @@ def test_forward_backward_on_every_kind_of_pair(mode, teacher_name, shape):
 
 def test_ab_phases():
     cfg = Config.for_mode("ab", epochs=10, ab_epochs=2)
-    assert cfg.ab_init_epochs == 2
+    assert initialisation_epochs(cfg) == 2
     torch.manual_seed(0)
     d = ActivationBoundaries(create_model("resnet8", 10, 1), [create_model("resnet14", 10, 1)], cfg).train()
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))

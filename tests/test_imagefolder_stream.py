@@ -85,7 +85,7 @@ class _StopAt:
 
 
 def _fit(data, cfg, workdir, stop_at=None, resume_state=None):
-    from kd_mlflow.distillers.base import NoKD
+    from kd_mlflow.methods.base import NoKD
     from kd_mlflow.models import create_model
     from kd_mlflow.trainer import Trainer, seed_everything
 
@@ -124,7 +124,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     normalize = DeviceBatches.normalize
     DeviceBatches.normalize = lambda self, x: normalize(self, x).double()  # this spawned process only
     from kd_mlflow import distributed
-    from kd_mlflow.distillers.base import NoKD
+    from kd_mlflow.methods.base import NoKD
     from kd_mlflow.models import create_model
     from kd_mlflow.trainer import Trainer, seed_everything
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kd_mlflow.config import Config
-from kd_mlflow.distillers.kd import HintonKD, hinton_kd_loss
+from kd_mlflow.methods.kd.distiller import HintonKD
+from kd_mlflow.methods.logits import hinton_kd_loss
 
 
 def kl_two_class(p: float, q: float) -> float:

@@ -17,9 +17,9 @@ from torch import nn
 from kd_mlflow.augment import normalize, rand_augment, strong_augment, to_uint8
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split
-from kd_mlflow.distillers.kd import MultiTeacherKD, multi_teacher_kd_loss
-from kd_mlflow.distillers.triplet import TripletKD, hardest_negatives, triplet_logit_loss
-from kd_mlflow.distillers.uda import UDAKD, uda_consistency_loss
+from kd_mlflow.methods.multikd.distiller import MultiTeacherKD, multi_teacher_kd_loss
+from kd_mlflow.methods.triplet.distiller import TripletKD, hardest_negatives, triplet_logit_loss
+from kd_mlflow.methods.uda.distiller import UDAKD, uda_consistency_loss
 from kd_mlflow.models import create_model
 
 LN3 = math.log(3.0)
@@ -301,9 +301,9 @@ def test_uda_adapt_data_sizes_and_determinism():
 
 
 def test_semi_supervised_baselines_train_on_the_same_labels_as_uda():
-    from kd_mlflow.distillers.base import NoKD
-    from kd_mlflow.distillers.kd import HintonKD
-    from kd_mlflow.distillers.rkd import RelationalKD
+    from kd_mlflow.methods.base import NoKD
+    from kd_mlflow.methods.kd.distiller import HintonKD
+    from kd_mlflow.methods.rkd.distiller import RelationalKD
 
     data = synthetic_bundle(40)
     uda = UDAKD.adapt_data(data, Config.for_mode("uda", labeled_fraction=0.25, seed=7))

@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
-import kd_mlflow.distillers.kd as kd_module
+import kd_mlflow.methods.logits as kd_module
 from kd_mlflow.config import Config
-from kd_mlflow.distillers.kd import hinton_kd_loss, standardize_logits
+from kd_mlflow.methods.logits import hinton_kd_loss, standardize_logits
 from kd_mlflow.models import create_model
 from kd_mlflow.modes import MODES, modes_taking
 from kd_mlflow.strategies import _kd_child_cfg

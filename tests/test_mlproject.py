@@ -26,7 +26,8 @@ def test_every_mode_is_an_entry_point_with_its_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     entry = spec["entry_points"]
     assert set(PAPER) <= set(DISTILLATION)
-    assert set(DISTILLATION) | {"teacher", "main", "compare", "benchmark", "tune"} == set(entry)
+    assert set(DISTILLATION) | {"teacher", "main", "train", "compare", "benchmark", "tune"} == set(entry)
+    assert entry["train"]["command"] == "python entry_points/run.py train {mode}"  # any mode by name
     for name in DISTILLATION:
         params = entry[name]["parameters"]
         for common in ("dataset", "student", "epochs", "batch_size", "lr", "seed", "train_subset", "device", "data_dir"):
@@ -37,8 +38,8 @@ def test_every_mode_is_an_entry_point_with_its_parameters():
             expected = str(default).lower() if isinstance(default, bool) else str(default)
             assert str(params[field]["default"]) == expected, (name, field)
     assert entry["teacher"]["parameters"]["arch"]["default"] == "resnet20"
-    assert entry["oh"]["parameters"]["beta"]["default"] == 0.001
-    assert entry["pkd"]["parameters"]["beta"]["default"] == 10.0
+    assert entry["oh"]["parameters"]["oh_weight"]["default"] == 0.001
+    assert entry["pkd"]["parameters"]["pkd_weight"]["default"] == 10.0
 
 
 def test_cli_lists_commands_and_every_parameter_with_default():

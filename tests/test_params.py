@@ -26,8 +26,8 @@ def test_config_keeps_only_common_fields_and_modes_declare_the_rest():
         own = {p.name for p in mode.params}
         assert own.isdisjoint(COMMON_FIELDS), mode.name
         assert set(mode.fields) - own <= set(COMMON_FIELDS), mode.name
-    assert Config.for_mode("oh").beta == 1e-3 and Config.for_mode("pkd").beta == 10.0
-    assert Config.parameter("beta", "sfd").default == 0.3
+    assert Config.for_mode("oh").oh_weight == 1e-3 and Config.for_mode("pkd").pkd_weight == 10.0
+    assert Config.parameter("sfd_weight", "sfd").default == 0.3
     cfg = Config.for_mode("triplet", triplet_margin=0.3)
     assert cfg.triplet_margin == 0.3 and cfg.replace(triplet_margin=0.5).triplet_margin == 0.5
     assert cfg.params()["triplet_margin"] == 0.3
@@ -41,14 +41,18 @@ def test_a_typo_in_a_parameter_name_fails_at_construction():
 
 
 def test_a_parameter_the_mode_does_not_declare_is_refused_not_read_as_another_modes_default():
-    # beta is oh's, pkd's and sfd's weight: kd has none, neither as a value nor as a default
-    with pytest.raises(ConfigError, match=r"mode kd has no parameter beta \(beta belongs to oh, pkd, sfd\); "
+    # pkd_weight is pkd's: kd has none, neither as a value nor as a default
+    with pytest.raises(ConfigError, match=r"mode kd has no parameter pkd_weight \(pkd_weight belongs to pkd\); "
                                           r"its own parameters: alpha, labeled_fraction, logit_standardization, "
                                           r"temperature"):
-        Config.for_mode("kd", beta=5.0)
-    with pytest.raises(AttributeError, match="mode 'kd' has no parameter 'beta'"):
-        Config.for_mode("kd").beta
-    assert Config.for_mode("oh").beta == 1e-3 and Config.for_mode("pkd").beta == 10.0
+        Config.for_mode("kd", pkd_weight=5.0)
+    with pytest.raises(AttributeError, match="mode 'kd' has no parameter 'pkd_weight'"):
+        Config.for_mode("kd").pkd_weight
+    # the three feature weights once shared the name beta: the old name says the new one
+    for mode in ("oh", "pkd", "sfd"):
+        with pytest.raises(ConfigError, match=rf"mode {mode} has no parameter beta \(beta is now {mode}_weight\)"):
+            Config.for_mode(mode, beta=1.0)
+    assert Config.for_mode("oh").oh_weight == 1e-3 and Config.for_mode("pkd").pkd_weight == 10.0
     # a strategy's stage keeps what the stage's mode declares, not the strategy's grid
     stage = Config.for_mode("kdparam", temperatures="2,4", alphas="0.5").replace(mode="kd", temperature=2.0)
     assert stage.temperature == 2.0 and stage.alpha == 0.9 and "temperatures" not in stage.method
@@ -85,3 +89,20 @@ def test_a_parameter_an_older_run_lacks_counts_as_its_default():
     odd = fake_run("odd", {**changed.params(), "seed": 3}, 4)
     included, excluded, _ = select_runs([*runs, odd])
     assert [e["run_id"] for e in excluded] == ["odd"] and "mode parameters" in excluded[0]["reason"]
+
+
+def test_runs_logged_before_a_rename_compare_with_runs_after_it():
+    """pkd's weight was logged as beta before it became pkd_weight: such runs match a config
+    with the same weight, join the same comparison group, and a different weight still
+    splits them off."""
+    cfg = Config.for_mode("pkd", epochs=3)
+    before = {("beta" if k == "pkd_weight" else k): v for k, v in cfg.params().items()}
+    assert "pkd_weight" not in before and before["beta"] == 10.0
+    assert settings_match(fake_run("before", before, 1), cfg)
+    assert not settings_match(fake_run("before", before, 1), cfg.replace(pkd_weight=100.0))
+    runs = [fake_run("before0", {**before, "seed": 0}, 1), fake_run("after1", {**cfg.params(), "seed": 1}, 2)]
+    included, excluded, _ = select_runs(runs)
+    assert [r.info.run_id for r in included] == ["before0", "after1"] and not excluded
+    other = fake_run("other", {**before, "beta": 100.0, "seed": 2}, 3)
+    included, excluded, _ = select_runs([*runs, other])
+    assert [e["run_id"] for e in excluded] == ["other"] and "mode parameters" in excluded[0]["reason"]

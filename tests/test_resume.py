@@ -141,7 +141,7 @@ def test_uda_unlabeled_stream_continues_from_its_checkpoint_state(taken):
     import torch
 
     from kd_mlflow.data import DATASETS, DeviceBatches, Split
-    from kd_mlflow.distillers.uda import UnlabeledStream
+    from kd_mlflow.methods.uda.distiller import UnlabeledStream
 
     info = DATASETS["fashion_mnist"]
     g = torch.Generator().manual_seed(0)

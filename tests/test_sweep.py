@@ -20,14 +20,14 @@ TINY = dict(teacher="pretrained:fashion_mnist-resnet20", epochs=1, train_subset=
 
 def test_plan_rejects_bad_input_before_any_run():
     for args, needle in [(("pkd", "nope", "1,2"), "has no parameter 'nope'"),
-                         (("kdparam", "beta", "1"), "single-training modes"),
-                         (("pkd", "beta", "1,x"), "comma-separated list of numbers"),
-                         (("pkd", "beta", "-1"), "beta must be >= 0"),
+                         (("kdparam", "pkd_weight", "1"), "single-training modes"),
+                         (("pkd", "pkd_weight", "1,x"), "comma-separated list of numbers"),
+                         (("pkd", "pkd_weight", "-1"), "pkd_weight must be >= 0"),
                          (("pkd", "student", "1"), "numeric parameter")]:
         with pytest.raises(ConfigError, match=needle):
             plan_sweep(*args, 1, {})
-    configs = plan_sweep("sfd", "beta", "0.5, 2", 2, {"epochs": 3})
-    assert [(c.beta, c.seed, c.epochs) for c in configs] == [(0.5, 0, 3), (0.5, 1, 3), (2.0, 0, 3), (2.0, 1, 3)]
+    configs = plan_sweep("sfd", "sfd_weight", "0.5, 2", 2, {"epochs": 3})
+    assert [(c.sfd_weight, c.seed, c.epochs) for c in configs] == [(0.5, 0, 3), (0.5, 1, 3), (2.0, 0, 3), (2.0, 1, 3)]
 
 
 def test_sweep_table_selects_by_validation_not_test():
@@ -50,7 +50,7 @@ def test_sweep_nested_runs_table_and_resume(tracking, tmp_path, monkeypatch):
     clean_mlflow_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     experiment = unique_experiment("sweep")
-    args = ["sweep", "sfd", "--param", "beta", "--values", "0.5,2", "--seeds", "1", "--output", "t.csv",
+    args = ["sweep", "sfd", "--param", "sfd_weight", "--values", "0.5,2", "--seeds", "1", "--output", "t.csv",
             "--experiment", experiment, *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
@@ -59,11 +59,11 @@ def test_sweep_nested_runs_table_and_resume(tracking, tmp_path, monkeypatch):
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("mode") == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(float(c.data.params["beta"]) for c in children) == [0.5, 2.0]
+    assert sorted(float(c.data.params["sfd_weight"]) for c in children) == [0.5, 2.0]
     assert all(c.info.status == "FINISHED" and "test_acc_last" in c.data.metrics for c in children)
     table = (tmp_path / "t.csv").read_text().splitlines()
-    assert table[0].startswith("beta,seeds,best_val_acc_mean") and len(table) == 3
-    val = {float(c.data.params["beta"]): c.data.metrics["best_val_acc"] for c in children}
+    assert table[0].startswith("sfd_weight,seeds,best_val_acc_mean") and len(table) == 3
+    val = {float(c.data.params["sfd_weight"]): c.data.metrics["best_val_acc"] for c in children}
     assert parent.data.metrics["selected_value"] == max(val, key=lambda b: (val[b], -b))
     # the same command again trains nothing
     again = CliRunner().invoke(main, args)

@@ -16,7 +16,8 @@ from kd_mlflow.benchmark import BenchmarkResult, plan, train_pairs
 from kd_mlflow.checkpoint import save_model_checkpoint
 from kd_mlflow.config import Config
 from kd_mlflow.data import DeviceBatches, load_data
-from kd_mlflow.distillers.kd import HintonKD, hinton_terms
+from kd_mlflow.methods.kd.distiller import HintonKD
+from kd_mlflow.methods.logits import hinton_terms
 from kd_mlflow.models import create_model
 from kd_mlflow.runner import Runtime, run, train_student
 from kd_mlflow.teachers import load_teacher, teacher_source
@@ -133,19 +134,18 @@ def test_benchmark_of_kd_multikd_rkd_crd_is_bit_identical_and_reuses_kds_teacher
         assert not result.failed and len(result.trained) == 4
         assert (counts is not None) == on
     off, on = parents[False], parents[True]
-    assert list(on.children) == ["kd-seed0", "multikd-seed0", "rkd-seed0", "crd-seed0"]
+    assert list(on.children) == ["crd-seed0", "kd-seed0", "multikd-seed0", "rkd-seed0"]  # registry order
     for name in off.children:
         assert_same_training(off.children[name], on.children[name])
         assert on.children[name].last("test_correct") == off.children[name].last("test_correct")
-    kd, multikd = on.children["kd-seed0"], on.children["multikd-seed0"]
-    assert (kd.last("teacher_forwards_computed"), kd.last("teacher_forwards_reused")) == (STEPS, 0)
-    # multikd's first member is kd's teacher on the same batches: read; the second one runs.
+    # crd runs first and needs the pooled embedding too: the teacher runs and its logits and
+    # embeddings are kept; kd, on the same stream, reads the logits; multikd's first member
+    # is that teacher on the same batches (read), its second one runs; rkd reads both.
+    crd, kd, multikd, rkd = (on.children[f"{m}-seed0"] for m in ("crd", "kd", "multikd", "rkd"))
+    assert (crd.last("teacher_forwards_computed"), crd.last("teacher_forwards_reused")) == (STEPS, 0)
+    assert (kd.last("teacher_forwards_computed"), kd.last("teacher_forwards_reused")) == (0, STEPS)
     assert (multikd.last("teacher_forwards_computed"), multikd.last("teacher_forwards_reused")) == (STEPS, STEPS)
-    # rkd needs the pooled embedding too, which kd did not keep: the teacher runs and the
-    # embeddings join the cached logits; crd, on the same stream, then reads both.
-    rkd, crd = on.children["rkd-seed0"], on.children["crd-seed0"]
-    assert (rkd.last("teacher_forwards_computed"), rkd.last("teacher_forwards_reused")) == (STEPS, 0)
-    assert (crd.last("teacher_forwards_computed"), crd.last("teacher_forwards_reused")) == (0, STEPS)
+    assert (rkd.last("teacher_forwards_computed"), rkd.last("teacher_forwards_reused")) == (0, STEPS)
 
 
 def test_another_seed_subset_teacher_or_batch_size_does_not_reuse(in_tmp, second_teacher):

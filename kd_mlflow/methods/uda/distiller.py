@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..augment import strong_augment
-from ..data import DeviceBatches
-from .base import Distiller
-from .kd import hinton_kd_loss
+from ...augment import strong_augment
+from ...data import DeviceBatches
+from ..base import Distiller
+from ..logits import hinton_kd_loss
 
 
 def uda_consistency_loss(clean_logits: torch.Tensor, strong_logits: torch.Tensor, temperature: float,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Distiller
-from .kd import hinton_terms
+from ..base import Distiller
+from ..logits import hinton_terms
 
 
 def relations(e: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -69,11 +69,10 @@ class Distiller(nn.Module):
     def adapt_data(cls, data, cfg):
         """The semi-supervised setting, for every mode that takes ``labeled_fraction``:
         train on its labelled subset; the whole training split is the unlabelled pool."""
-        from ..modes import MODES
-
-        if cfg is None or "labeled_fraction" not in MODES[cfg.mode].fields:
+        fraction = getattr(cfg, "labeled_fraction", None)  # None: the mode does not declare it
+        if fraction is None:
             return data
-        return labeled_subset(data, cfg.labeled_fraction, cfg.seed)
+        return labeled_subset(data, fraction, cfg.seed)
 
     def on_fit_start(self, trainer) -> None:
         pass

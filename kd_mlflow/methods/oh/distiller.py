@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller
-from .features import connected_pre_relu_pairs, conv_bn_connectors
+from ..base import Distiller
+from ..features import connected_pre_relu_pairs, conv_bn_connectors
 
 
 def overhaul_margin(bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -50,7 +50,7 @@ def partial_l2(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 class Overhaul(Distiller):
-    """{"ce": CE, "oh": beta * sum_i w_i * partial_l2(C_i(s_i), max(t_i, margin_i)) / B},
+    """{"ce": CE, "oh": oh_weight * sum_i w_i * partial_l2(C_i(s_i), max(t_i, margin_i)) / B},
     w_i = 1/2^(n-1-i) shallow to deep. Margins come from the teacher's BN before each
     paired stage's ReLU, once, at construction (the teacher is frozen)."""
 
@@ -73,5 +73,5 @@ class Overhaul(Distiller):
             total = total + w * partial_l2(fs, torch.maximum(ft, margin.float()))
         return s.logits, {
             "ce": F.cross_entropy(s.logits.float(), y),
-            "oh": self.cfg.beta * total / x.shape[0],
+            "oh": self.cfg.oh_weight * total / x.shape[0],
         }

@@ -20,8 +20,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .base import Distiller
-from .kd import compared_logits
+from ..base import Distiller
+from ..logits import compared_logits
 
 
 def _non_target(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

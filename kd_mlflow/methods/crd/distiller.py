@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from ..config import ConfigError
-from .base import Distiller
-from .kd import hinton_kd_loss
+from ... import distributed
+from ...config import ConfigError
+from ..base import Distiller
+from ..logits import hinton_kd_loss
 
 NCE_EPS = 1e-7  # as the authors' ContrastLoss
 # The training batches draw from `seed`, uda's unlabelled batches from `seed + 1`.

@@ -6,14 +6,14 @@ Scale: the raw distance grows with the width (sqrt C) and with the magnitude of 
 max-pooled activations, which depends on the resolution and the network: 68-127 at
 initialisation for resnet20 -> resnet8 on Fashion-MNIST, against 2.3 for CE. Divided by
 ||teacher||, it is ~1 at initialisation (a zero connector output gives exactly 1) for
-any width and resolution, so one beta means the same everywhere."""
+any width and resolution, so one sfd_weight means the same everywhere."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .features import StageFeatureDistiller
+from ..features import StageFeatureDistiller
 
 
 def sfd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def sfd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
 
 
 class SimpleFeatureKD(StageFeatureDistiller):
-    """{"ce": CE, "sfd": beta * sum over paired stages of sfd_stage_loss(W_i maxpool(s_i), maxpool(t_i))}
+    """{"ce": CE, "sfd": sfd_weight * sum over paired stages of sfd_stage_loss(W_i maxpool(s_i), maxpool(t_i))}
     (the relative distance: see the module docstring).
     The linear connector W_i is always there (even for equal widths), so every
     student/teacher pair works."""
@@ -36,4 +36,4 @@ class SimpleFeatureKD(StageFeatureDistiller):
 
     def forward(self, x, y):
         s, _, total = self.stage_terms(x)
-        return s.logits, {"ce": F.cross_entropy(s.logits.float(), y), "sfd": self.cfg.beta * total}
+        return s.logits, {"ce": F.cross_entropy(s.logits.float(), y), "sfd": self.cfg.sfd_weight * total}

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Distiller
-from .kd import compared_logits
+from ..base import Distiller
+from ..logits import compared_logits
 
 PEARSON_EPS = 1e-8
 

@@ -3,8 +3,8 @@ paired stage, the mean squared error between the L2-normalised, globally average
 student and teacher features.
 
 Scale: the authors' code takes an MSE *mean* over the batch and the feature dimension,
-and beta's published range (10-1000) was tuned on that scale. A sum over channels would
-make the term C (16-512) times larger and swamp cross-entropy at any published beta."""
+and the published weight range (10-1000) was tuned on that scale. A sum over channels would
+make the term C (16-512) times larger and swamp cross-entropy at any published weight."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import StageFeatureDistiller
-from .kd import hinton_terms
+from ..features import StageFeatureDistiller
+from ..logits import hinton_terms
 
 
 def pkd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def pkd_stage_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
 
 
 class PatientKD(StageFeatureDistiller):
-    """{"ce": (1-a) CE, "kd": a KD, "pkd": beta * sum over paired stages of pkd_stage_loss}
+    """{"ce": (1-a) CE, "kd": a KD, "pkd": pkd_weight * sum over paired stages of pkd_stage_loss}
     on globally average-pooled stage features. A linear connector (student width ->
     teacher width) sits on the pooled student vector of each stage whose widths differ;
     equal widths are compared directly."""
@@ -39,4 +39,4 @@ class PatientKD(StageFeatureDistiller):
 
     def forward(self, x, y):
         s, t, total = self.stage_terms(x)
-        return s.logits, {**hinton_terms(s.logits, t.logits, y, self.cfg), "pkd": self.cfg.beta * total}
+        return s.logits, {**hinton_terms(s.logits, t.logits, y, self.cfg), "pkd": self.cfg.pkd_weight * total}

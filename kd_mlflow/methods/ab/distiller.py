@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Distiller
-from .features import connected_pre_relu_pairs, conv_bn_connectors
-from .kd import hinton_terms
+from . import initialisation_epochs
+from ..base import Distiller
+from ..features import connected_pre_relu_pairs, conv_bn_connectors
+from ..logits import hinton_terms
 
 
 def ab_loss(student_resp: torch.Tensor, teacher_resp: torch.Tensor, margin: float) -> torch.Tensor:
@@ -31,7 +32,7 @@ def ab_loss(student_resp: torch.Tensor, teacher_resp: torch.Tensor, margin: floa
 
 
 class ActivationBoundaries(Distiller):
-    """Phase 1 (epochs < cfg.ab_init_epochs): {"ab"} only, the weighted AB loss of the
+    """Phase 1 (epochs < initialisation_epochs(cfg)): {"ab"} only, the weighted AB loss of the
     paired stages (weights 1/4, 1/2, 1 shallow to deep). Phase 2: Hinton KD
     {"ce", "kd"}; the connectors are then unused."""
 
@@ -40,10 +41,10 @@ class ActivationBoundaries(Distiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
         self.pairs, self.connectors, self.stage_weights = conv_bn_connectors(student, self.teacher)
-        self.boundary_phase = cfg.ab_init_epochs > 0
+        self.boundary_phase = initialisation_epochs(cfg) > 0
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.boundary_phase = epoch < self.cfg.ab_init_epochs
+        self.boundary_phase = epoch < initialisation_epochs(self.cfg)
 
     def forward(self, x, y):
         if not self.boundary_phase:
