@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from kd_mlflow.config import Config  # noqa: E402
 from kd_mlflow.data import DeviceBatches, load_data  # noqa: E402
-from kd_mlflow.imagefolder import loader_workers  # noqa: E402
+from kd_mlflow.data.imagefolder import loader_workers  # noqa: E402
 from kd_mlflow.trainer import resolve_device  # noqa: E402
 
 

@@ -19,7 +19,8 @@ import contextlib
 from dataclasses import dataclass, field
 
 from .config import COMMON_FIELDS, Config, ConfigError
-from .modes import DISTILLATION_MODES, EXECUTION, MODES
+from .analysis.runs import settings_match
+from .modes import DISTILLATION_MODES, MODES
 
 # Config fields a benchmark takes (everything else: each mode's own defaults).
 # The strategies' inputs (teachers, the kdparam grid) and labeled_fraction apply to the modes
@@ -29,7 +30,6 @@ BENCHMARK_FIELDS = ("dataset", "student", "teacher", "teacher_checkpoint", "ense
                     "test_subset", "device", "precision", "threads", "teacher_cache", "data_dir", "experiment")
 # Params that say where or how a run ran, not what it computed: a finished run that
 # differs only in these still counts as done.
-RESUME_IGNORES = set(EXECUTION)
 
 
 @dataclass
@@ -136,17 +136,6 @@ def precheck(configs: list[Config]) -> str:
     return teacher_arch
 
 
-def settings_match(run, cfg: Config) -> bool:
-    """Whether ``run`` trained what ``cfg`` describes: every param of the mode equal
-    (numbers compared as numbers), except those in RESUME_IGNORES. A param the run does
-    not have counts as the parameter's default (it was logged before the parameter was
-    added to the mode; see compare.logged_value)."""
-    from .compare import logged_value, normalize_value
-
-    return all(logged_value(run, k, cfg.mode) == normalize_value(v)
-               for k, v in cfg.params().items() if k not in RESUME_IGNORES)
-
-
 def finished_run_for(runs: list, cfg: Config):
     """The newest FINISHED run of ``cfg``'s cell made by this code version, or None. A run
     of other code (or from before runs recorded theirs) is not reused: a cell's numbers
@@ -233,11 +222,13 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
     compare. ``values``: the Config fields in BENCHMARK_FIELDS."""
     from .execution import Options, check_options
 
-    import mlflow
-
-    from .compare import compare_experiment, counted_runs, log_comparison, search_all_runs
-    from .registry import update_champion
+    from .analysis.compare import compare_experiment
+    from .analysis.runs import counted_runs
+    from .analysis.report import log_comparison
     from .tracking import start_run
+    from .tracking.queries import client as tracking_client
+    from .tracking.queries import experiment_of_run, search_all_runs
+    from .tracking.registry import update_champion
 
     check_fields("benchmark", values)
     opts = Options(jobs, ray_address, cpus_per_cell, gpus_per_cell, storage)
@@ -258,10 +249,9 @@ def run_benchmark(modes: str = "all", seeds: int = 3, register: bool = False, ec
             "teacher": teacher_arch or base.teacher,
             "benchmark_modes": ",".join(dict.fromkeys(c.mode for c in configs)),
             **({"benchmark_notes": " | ".join(notes)} if notes else {})}
-    client = mlflow.MlflowClient()
+    client = tracking_client()
     with start_run(params, tags, run_name=f"benchmark-{base.dataset}-{base.student}") as parent:
-        experiment_id = client.get_run(parent.run_id).info.experiment_id
-        experiment = client.get_experiment(experiment_id).name
+        experiment_id, experiment = experiment_of_run(client, parent.run_id)
         result = BenchmarkResult(parent.run_id, experiment, notes=notes)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
         counts = train_pairs(configs, parent, result, existing=existing, register=register, echo=echo,

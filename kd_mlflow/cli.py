@@ -298,7 +298,8 @@ def compare_command(experiment: str, output_dir: str, runs_csv: str) -> None:
     mismatched runs are listed, never averaged."""
     from pathlib import Path
 
-    from .compare import compare_runs_csv, run_compare, write_comparison
+    from .analysis.compare import compare_runs_csv, run_compare
+    from .analysis.report import write_comparison
 
     try:
         if runs_csv:
@@ -453,7 +454,7 @@ def sync_command(directory: str) -> None:
     """Upload what the tracking server missed during an outage: DIRECTORY is a run's
     offline directory (runs/<run_id>/offline) or one that contains several (runs).
     Runs already synced are skipped, so syncing twice uploads nothing twice."""
-    from .sync import sync
+    from .tracking.sync import sync
 
     try:
         synced = sync(directory, echo=click.echo)
@@ -472,7 +473,7 @@ def models_group() -> None:
 @click.option("--latest", is_flag=True, help="One row per model: its champion, else its latest version.")
 def models_list_command(name_contains: str, latest: bool) -> None:
     """Registered models with, per version, the mode, teacher and test_acc of its run."""
-    from .registry import format_table, model_table
+    from .tracking.registry import format_table, model_table
 
     table = model_table(name_contains=name_contains, all_versions=not latest)
     if not len(table):
@@ -489,15 +490,15 @@ def models_list_command(name_contains: str, latest: bool) -> None:
 def models_pull_command(spec: str, output: str) -> None:
     """Download a registered model: NAME (its champion, else its latest version),
     NAME@ALIAS or NAME/VERSION. Load it with mlflow.pytorch.load_model(OUTPUT)."""
-    from .registry import pull, version_test_acc
+    from .tracking.registry import pull, version_test_acc
 
     try:
         path, version = pull(spec, output)
     except ConfigError as exc:
         _fail(exc)
-    from mlflow import MlflowClient
+    from .tracking.queries import client
 
-    acc = version_test_acc(MlflowClient(), version)
+    acc = version_test_acc(client(), version)
     click.echo(f"pulled models:/{version.name}/{version.version}"
                f"{' (' + ', '.join(version.aliases) + ')' if getattr(version, 'aliases', None) else ''}"
                f"{f', test_acc {acc:.2f}%' if acc is not None else ''} -> {path}")
@@ -509,7 +510,7 @@ def models_pull_command(spec: str, output: str) -> None:
 def models_champion_command(name: str) -> None:
     """Point NAME's `champion` alias at its version with the best test_acc (moved only
     when a strictly better version exists)."""
-    from .registry import update_champion
+    from .tracking.registry import update_champion
 
     version = update_champion(None, name)
     if version is None:
@@ -537,7 +538,7 @@ def runs_clean_command(experiment: str, older_than: float, yes: bool) -> None:
     report ./runs/ (each run directory's size and whether anything needs it) and delete the
     directories of FINISHED runs (their model is in MLflow); offline directories waiting
     for sync, RUNNING runs and resumable ones are kept."""
-    from .runs import clean
+    from .tracking.cleanup import clean
 
     confirm = (lambda text: click.confirm(text, default=False)) if sys.stdin.isatty() else None
     try:
@@ -555,7 +556,7 @@ def runs_clean_command(experiment: str, older_than: float, yes: bool) -> None:
               help="Where the server stores artifacts it proxies: a directory, or s3://bucket/path (needs boto3).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind. Loopback unless you pass another one explicitly (0.0.0.0 = every "
-                   "interface: put authentication in front, see README).")
+                   "interface: put authentication in front, see docs/operations.md).")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="uvicorn worker processes.")

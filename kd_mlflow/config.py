@@ -1,7 +1,7 @@
 """Every hyperparameter of a run, in one validated dataclass.
 
 ``Config`` holds the fields common to all modes; each mode declares its own parameters
-as :class:`Param` next to its registry entry (modes.py), and they are read as attributes
+as :class:`Param` in its method folder (kd_mlflow/methods/<name>/), and they are read as attributes
 all the same (``cfg.temperature``). The names a mode uses (``modes.MODES[mode].fields``:
 the common ones it takes, then its own) are exactly the MLflow params of its run, the
 options of its CLI command and the parameters of its MLproject entry point. Validation
@@ -48,7 +48,7 @@ def unwritable_reason(directory: Path, tag: str = "") -> str | None:
 @dataclass
 class Config:
     mode: str = _f("kd", "Distillation mode.")
-    dataset: str = _f("fashion_mnist", "Dataset (imagefolder: your own images under data_dir, see README).",
+    dataset: str = _f("fashion_mnist", "Dataset (imagefolder: your own images under data_dir, see docs/data.md).",
                       ("fashion_mnist", "cifar10", "cifar100", "imagefolder"))
     student: str = _f("resnet8", "Student architecture.")
     teacher: str = _f("resnet20", "Teacher architecture (or pretrained:<name>).")
@@ -106,7 +106,7 @@ class Config:
                                 "N > 1). batch_size stays the global batch, split across them.")
     experiment: str = _f("", "MLflow experiment (empty: the one mlflow run chose, else 'kd-mlflow').")
     registered_model: str = _f("", "Registry name; empty = <dataset>-<student>-<mode>.")
-    # Each mode declares its own parameters (modes.py): they live in ``method`` and read
+    # Each mode declares its own parameters (its method folder): they live in ``method`` and read
     # as attributes, cfg.temperature like cfg.epochs.
     method: dict = field(default_factory=dict, repr=False, metadata={"help": "", "choices": None})
 
@@ -239,7 +239,7 @@ class Config:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> "Config":
-        from .datasets import DATASETS
+        from .data.datasets import DATASETS
         from .models import ARCHITECTURES, is_known_architecture
         from .models.torchvision_models import torchvision_name
         from .modes import MODES
@@ -323,7 +323,7 @@ class Config:
                     raise ConfigError(f"{name}={getattr(self, name)!r} must be 1 or 3 comma-separated numbers"
                                       f"{' > 0' if name == 'std' else ''}, e.g. -P {name}="
                                       f"{'0.485,0.456,0.406' if name == 'mean' else '0.229,0.224,0.225'}")
-        from .imagefolder import scan_layout
+        from .data.imagefolder import scan_layout
 
         scan_layout(self.resolved_data_dir())  # a ConfigError naming what is missing
 

@@ -7,7 +7,7 @@ inside nested runs.
 
 Under torchrun every rank runs all of this in step (the same checks, the same stages);
 rank 0 alone owns the MLflow run, the checkpoints and the files, and tells the other
-ranks the run id (see distributed.py).
+ranks the run id (see kd_mlflow/distributed/).
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ from .models import create_model
 from .modes import MODES
 from . import pretrained
 from .pretrained import is_inside_pretrained
-from .serving import model_card
+from .tracking.serving import model_card
 from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
-from .tracking import NullTracker
+from .tracking import NullTracker, cleanup
 from .trainer import (Trainer, count_correct, cpu_kind, evaluate, exported_test_batches, intra_op_threads,
                       resolve_device, resolve_precision, resolve_threads, seed_everything)
-
-RUNS_DIR = Path("runs")
 
 
 @dataclass
@@ -114,7 +112,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
     data = distiller_cls.adapt_data(data, cfg)
     if distributed.is_main():
         tracker.log_datasets(data.datasets())
-    workdir = RUNS_DIR / (tracker.run_id or "untracked")
+    workdir = cleanup.RUNS_DIR / (tracker.run_id or "untracked")
     trainer = Trainer(distiller, data, cfg, device=rt.device, amp_dtype=rt.amp_dtype, tracker=tracker,
                       workdir=workdir, progress_desc=desc or cfg.mode)
     stream = teacher_cache.attach(trainer, resumed=resume_state is not None)
@@ -150,7 +148,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
         # At the selected epoch's step: the logged model (attached at that step) shows
         # them beside that epoch's val_acc, train_acc and lr.
         tracker.log_metrics(final, step=fit.best_epoch)
-        from .plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
+        from .analysis.plots import learning_curves  # seaborn pulls in scipy (~2 s): after training, not before
 
         # the teachers this training really had (the run's teacher tag when the runner
         # knows it): none for nokd, whatever -P teacher says
@@ -263,28 +261,6 @@ def run(cfg: Config, tracker_factory=None):
             return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
 
 
-KEEP_ENV = "KD_KEEP_RUN_FILES"  # =1: keep runs/<run_id>/ after a run FINISHED (last.pt, model.pt)
-RUN_FILES = ("last.pt", "model.pt")
-
-
-def release_workdir(run_id: str | None) -> None:
-    """After a run FINISHED with everything on the tracking server, its working files go:
-    last.pt (the epoch checkpoint, only for resuming an unfinished run) and model.pt (in
-    the logged model's extra_files). A run whose offline directory waits for
-    ``kd-mlflow sync`` keeps everything; ``kd-mlflow runs clean`` reports what is left."""
-    if not run_id or os.environ.get(KEEP_ENV, "") not in ("", "0"):
-        return
-    from .tracking import OFFLINE_ROOT
-
-    workdir = RUNS_DIR / run_id
-    if (OFFLINE_ROOT / run_id / "offline").exists() or (workdir / "offline").exists():
-        return
-    for name in RUN_FILES:
-        (workdir / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        workdir.rmdir()  # only when nothing else is in it
-
-
 def provenance() -> dict:
     """Tags that say what a run's numbers depend on besides its params and seed: the code,
     torch, the CPU's kernels, and the threads it really ran with."""
@@ -315,10 +291,10 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
         # The number of processes is how a run runs, not what it computes: a run resumes on any.
         params = {k: v for k, v in cfg.params().items() if k != "nproc_per_node"}
         resume_run = distributed.on_main(
-            lambda: resumable_run(params, cfg.resume, lambda rid: (RUNS_DIR / rid / "last.pt").is_file()))
+            lambda: resumable_run(params, cfg.resume, lambda rid: (cleanup.RUNS_DIR / rid / "last.pt").is_file()))
         # Read by rank 0 (which wrote it) and sent to the others: no shared disk needed across nodes.
         resume_state = distributed.on_main(
-            lambda: torch.load(RUNS_DIR / resume_run / "last.pt", map_location="cpu", weights_only=True))
+            lambda: torch.load(cleanup.RUNS_DIR / resume_run / "last.pt", map_location="cpu", weights_only=True))
         if main:
             print(f"resuming run {resume_run} after epoch {resume_state['epoch'] + 1}/{resume_state['epochs']}",
                   file=sys.stderr)
@@ -360,5 +336,5 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
                 argv = [prog, *sys.argv[1:]]  # "kd-mlflow ..." / "run.py ...", not a local path
                 entry = pretrained.record(output, " ".join(shlex.quote(a) for a in argv))
                 print(f"recorded in {pretrained.MANIFEST} (sha256 {entry['sha256'][:12]}...)")
-    release_workdir(result.run_id)  # the run is closed, FINISHED
+    cleanup.release_workdir(result.run_id)  # the run is closed, FINISHED
     return result

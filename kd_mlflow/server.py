@@ -28,7 +28,7 @@ from .config import BACKEND_ENV, unwritable_reason
 from .tracking import redact
 
 CONNECT_TIMEOUT_S = 10
-SETUP_HINT = "`sudo make postgres` creates the role and database on Debian (see README, Team tracking server)"
+SETUP_HINT = "`sudo make postgres` creates the role and database on Debian (see docs/operations.md, Team tracking server)"
 
 
 class ServerError(Exception):
@@ -265,7 +265,7 @@ def serve(backend_store_uri: str, artifacts_destination: str, host: str, port: i
             echo(f"  export MLFLOW_TRACKING_URI={url}")
             if is_loopback(host):
                 echo(f"  listening on {host} only: other machines cannot reach it; --host exposes it "
-                     f"(behind authentication: see README, Team tracking server)")
+                     f"(behind authentication: see docs/operations.md, Team tracking server)")
             else:
                 echo(f"  WARNING: listening on {host}: whoever reaches this port can read and change every run "
                      f"and model; put an authenticating reverse proxy in front or add `-- --app-name basic-auth`")

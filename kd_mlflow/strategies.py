@@ -22,7 +22,8 @@ from .config import Config, ConfigError
 from .methods.base import NoKD
 from .methods.kd.distiller import HintonKD
 from .models import ARCHITECTURES, is_known_architecture
-from .runner import Runtime, TrainResult, release_workdir, train_student
+from .runner import Runtime, TrainResult, train_student
+from .tracking.cleanup import release_workdir
 from .teachers import load_teacher, teacher_source
 
 
@@ -174,7 +175,7 @@ class AllKD(Strategy):
         """Teachers without a checkpoint are trained first, here; then the students are
         cells of the execution layer, each the run `train kd` from that teacher makes."""
         from .execution import Cell
-        from .plots import teacher_vs_student
+        from .analysis.plots import teacher_vs_student
 
         planned, trained_here = [], {}
         for i, (plan, model, meta) in enumerate(self.plan(cfg), start=1):
@@ -251,7 +252,7 @@ class KDParam(Strategy):
         """The grid's cells are cells of the execution layer: each is the run `train kd` with
         its temperature and alpha would make (bit-identical on CPU), nested under this one."""
         from .execution import Cell
-        from .plots import kdparam_heatmap
+        from .analysis.plots import kdparam_heatmap
 
         temperatures, alphas = self.grid(cfg)
         meta = metas[0] if metas else {}
@@ -301,7 +302,7 @@ class TAKD(Strategy):
     name = "takd"
 
     def __call__(self, cfg, data, teachers, metas, tracker, rt):
-        from .plots import takd_chain
+        from .analysis.plots import takd_chain
 
         meta = dict(metas[0]) if metas else {}
         prev_model = teachers[0]  # the runner's frozen teacher; later links get a copy of the previous result

@@ -80,12 +80,13 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
               first_seed: int = 0, **common) -> SweepResult:
     """Train ``mode`` for every value of ``param`` x ``seeds`` as nested runs (through the
     execution layer, ``opts``: in this process or on Ray); -> the table."""
-    import mlflow
-
     from .benchmark import BENCHMARK_FIELDS, BenchmarkResult, check_fields, precheck, train_pairs
-    from .compare import counted_runs, markdown_table, search_all_runs
+    from .analysis.runs import counted_runs
+    from .analysis.report import markdown_table
     from .execution import Options, check_options
     from .tracking import start_run
+    from .tracking.queries import client as tracking_client
+    from .tracking.queries import experiment_of_run, search_all_runs
 
     check_fields("sweep", common)
     opts = opts or Options()
@@ -99,10 +100,10 @@ def run_sweep(mode: str, param: str, values: str, seeds: int = 2, *, output: str
               **{k: getattr(base, k) for k in BENCHMARK_FIELDS if k in MODES[mode].fields}}
     tags = {"mode": "sweep", "dataset": base.dataset, "student": base.student, "sweep_mode": mode,
             "sweep_param": param}
-    client = mlflow.MlflowClient()
+    client = tracking_client()
     with start_run(params, tags, run_name=f"sweep-{mode}-{param}") as parent:
-        experiment_id = client.get_run(parent.run_id).info.experiment_id
-        result = SweepResult(parent.run_id, client.get_experiment(experiment_id).name)
+        experiment_id, experiment = experiment_of_run(client, parent.run_id)
+        result = SweepResult(parent.run_id, experiment)
         existing = counted_runs(search_all_runs(client, experiment_id), skip_run_ids={parent.run_id})
         pairs = BenchmarkResult(parent.run_id, result.experiment)
         train_pairs(configs, parent, pairs, existing=existing, echo=echo, opts=opts, kind="sweep",

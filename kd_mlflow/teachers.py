@@ -44,12 +44,11 @@ def teacher_source(cfg: Config, spec: str | None = None) -> str:
 
 
 def _download_registered(uri: str) -> Path:
-    import mlflow
-
     from .tracking import redact, shown_registry_uri
+    from .tracking.queries import download_artifacts
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = download_artifacts(uri)
     except Exception as exc:
         raise ConfigError(
             f"cannot fetch {uri} from the registry at {shown_registry_uri()} "
@@ -154,7 +153,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
     the run's training split, selected by validation accuracy, each in a nested run
     ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
     from .methods.base import NoKD
-    from .runner import RUNS_DIR, release_workdir
+    from .tracking import cleanup
     from .trainer import Trainer, count_correct, exported_test_batches, seed_everything
 
     teachers, metas = list(teachers), [dict(m) for m in metas]
@@ -170,7 +169,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
             seed_everything(cfg.seed)
             head_only = _HeadOnly(teachers[i])
             trainer = Trainer(NoKD(head_only, [], head_cfg), data, head_cfg, device=rt.device, amp_dtype=rt.amp_dtype,
-                              tracker=child, workdir=RUNS_DIR / (child.run_id or "untracked"),
+                              tracker=child, workdir=cleanup.RUNS_DIR / (child.run_id or "untracked"),
                               progress_desc="teacher finetune")
             fit = trainer.fit()
             model = head_only.model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
@@ -180,7 +179,7 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
                          "mlflow_run_id": child.run_id or ""})
             child.log_metrics({"test_acc": meta["test_acc"], "best_val_acc": fit.best_val_acc},
                               step=fit.best_epoch)
-        release_workdir(child.run_id)  # its last.pt: the child is closed, FINISHED
+        cleanup.release_workdir(child.run_id)  # its last.pt: the child is closed, FINISHED
         model.requires_grad_(False)
         teachers[i] = model
     return teachers, metas

@@ -4,7 +4,7 @@ MLflow (it reports to a tracker with ``log_metrics``).
 Hot-loop rules: nothing forces a device sync per step. Loss terms and accuracy are
 accumulated on the device and read once per epoch; the progress bar counts batches.
 
-Data-parallel (torchrun, see distributed.py): each rank trains on its shard of every
+Data-parallel (torchrun, see kd_mlflow/distributed/): each rank trains on its shard of every
 global batch through DistributedDataParallel; the epoch's sums are all-reduced in the
 same one read per epoch, so every rank sees the same metrics, the same best epoch and
 the same NaN verdict. Only rank 0 writes checkpoints.
@@ -298,7 +298,7 @@ class Trainer:
         info = self.data.info
         if info.class_names and resume_state is None:
             # An image folder's facts are known once it is read: its classes, and the
-            # unreadable images left out (imagefolder.py).
+            # unreadable images left out (data/imagefolder.py).
             self.tracker.set_tags({"class_names": ",".join(info.class_names)[:5000],
                                    "num_classes": str(info.num_classes)})
             self.tracker.log_metrics({"skipped_images": info.skipped_images}, step=0)

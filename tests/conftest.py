@@ -113,7 +113,7 @@ def postgres_problem() -> str | None:
     """Why the tests cannot use PostgreSQL, or None when KD_TEST_POSTGRES_URI answers."""
     uri = os.environ.get("KD_TEST_POSTGRES_URI", "")
     if not uri:
-        return "KD_TEST_POSTGRES_URI is not set (see README, Tests)"
+        return "KD_TEST_POSTGRES_URI is not set (see docs/testing.md)"
     from kd_mlflow.server import ServerError, check_postgres
 
     try:

@@ -26,11 +26,12 @@ from conftest import BIN, REPO, mlflow_run, runs_of, unique_experiment
 
 from kd_mlflow.benchmark import BENCHMARK_FIELDS, parse_modes, plan
 from kd_mlflow.cli import main
-from kd_mlflow.compare import (compare_experiment, display_table, holm, paired_interval, summarize, t_cdf, t_quantile,
-                               welch_interval)
+from kd_mlflow.analysis.compare import compare_experiment, summarize
+from kd_mlflow.analysis.report import display_table
+from kd_mlflow.analysis.statistics import holm, paired_interval, t_cdf, t_quantile, welch_interval
 from kd_mlflow.config import ConfigError
 from kd_mlflow.modes import DISTILLATION_MODES
-from kd_mlflow.registry import parse_model_spec
+from kd_mlflow.tracking.registry import parse_model_spec
 
 # ---------------------------------------------------------------- pure functions
 # Student-t 0.975 quantiles: df 1 and 2 in closed form, the others from printed tables.
@@ -519,7 +520,7 @@ def test_champion_alias_follows_test_acc_and_pull_reproduces_it(tracking, tmp_pa
 
     from kd_mlflow.config import Config
     from kd_mlflow.data import DATASETS, load_arrays
-    from kd_mlflow.registry import CHAMPION, update_champion
+    from kd_mlflow.tracking.registry import CHAMPION, update_champion
     from kd_mlflow.runner import run
 
     clean_mlflow_env(monkeypatch)

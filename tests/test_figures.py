@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-from kd_mlflow import plots
-from kd_mlflow.compare import Comparison, comparison_figures
+from kd_mlflow.analysis import plots
+from kd_mlflow.analysis.compare import Comparison
+from kd_mlflow.analysis.report import comparison_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

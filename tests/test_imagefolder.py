@@ -119,7 +119,7 @@ def test_random_resized_crop_is_seeded_and_sharded(folder):
 
 
 def test_fits_rule_refuses_what_does_not_fit(folder, monkeypatch):
-    import kd_mlflow.imagefolder as imagefolder
+    import kd_mlflow.data.imagefolder as imagefolder
 
     monkeypatch.setattr(imagefolder, "MEMORY_FRACTION", 1e-9)
     with pytest.raises(ConfigError, match=r"GiB decoded.*lower -P image_size"):

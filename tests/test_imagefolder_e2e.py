@@ -90,8 +90,8 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
 
     import mlflow.artifacts
 
-    from kd_mlflow.imagefolder import decode
-    from kd_mlflow.pyfunc_images import ImageClassifier
+    from kd_mlflow.data.imagefolder import decode
+    from kd_mlflow.tracking.pyfunc_images import ImageClassifier
 
     network = mlflow.pytorch.load_model(f"models:/fruit-kd/{version.version}")  # exported: in inference mode
     served_model = ImageClassifier(Path(mlflow.artifacts.download_artifacts(f"models:/fruit-kd/{version.version}")))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_mlflow.augment import normalize, rand_augment, strong_augment, to_uint8
+from kd_mlflow.data.augment import normalize, rand_augment, strong_augment, to_uint8
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.data import DATASETS, DataBundle, DeviceBatches, Split
 from kd_mlflow.methods.multikd.distiller import MultiTeacherKD, multi_teacher_kd_loss

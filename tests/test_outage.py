@@ -124,7 +124,7 @@ def test_unreachable_server_is_a_clear_error_within_seconds(tmp_path):
 def test_mlflow_run_against_a_closed_port_fails_fast_with_the_readme_settings(tmp_path):
     """`mlflow run` creates its run before any kd-mlflow code runs, so against a server that
     is down it is MLflow's launcher that retries (about 4 minutes at MLflow's defaults). With
-    the settings the README gives, it gives up at once; credentials passed as the README
+    the settings docs/operations.md gives, it gives up at once; credentials passed as docs/operations.md
     says (environment, not the URI) appear nowhere in what it prints."""
     password = secrets.token_hex(8)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens there
@@ -309,7 +309,8 @@ def test_sync_nests_a_run_created_offline_under_a_parent_created_offline_too(tmp
     import mlflow
     from mlflow import MlflowClient
 
-    from kd_mlflow import sync, tracking
+    from kd_mlflow import tracking
+    from kd_mlflow.tracking import sync
     from kd_mlflow.config import ConfigError
 
     monkeypatch.chdir(tmp_path)

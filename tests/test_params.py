@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kd_mlflow.benchmark import settings_match
-from kd_mlflow.compare import select_runs
+from kd_mlflow.analysis.runs import select_runs, settings_match
 from kd_mlflow.config import COMMON_FIELDS, Config, ConfigError, Param
 from kd_mlflow.modes import MODES
 

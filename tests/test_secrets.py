@@ -128,6 +128,7 @@ def closed_port_with_credentials(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # the CLI sets it; restored after
     monkeypatch.setattr("kd_mlflow.tracking.check_tracking_server", lambda *args, **kwargs: None)
+    monkeypatch.setattr("kd_mlflow.tracking.health.check_tracking_server", lambda *args, **kwargs: None)
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
@@ -145,7 +146,7 @@ def test_any_other_error_keeps_its_traceback_masked(closed_port_with_credentials
     def broken(**kwargs):
         raise RuntimeError(f"a bug while talking to {closed_port_with_credentials}")
 
-    monkeypatch.setattr("kd_mlflow.registry.model_table", broken)
+    monkeypatch.setattr("kd_mlflow.tracking.registry.model_table", broken)
     result = CliRunner().invoke(main, ["models", "list"])
     assert_masked(result.output)
     assert result.exit_code == 1, result.output

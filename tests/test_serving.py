@@ -21,7 +21,7 @@ import pytest
 
 from conftest import BIN, free_port, unique_experiment, wait_for_http
 
-# Written out here, not imported: what a user reads in the README.
+# Written out here, not imported: what a user reads in docs/serving.md.
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot"]
 MEAN, STD = 0.2860, 0.3530
@@ -145,7 +145,7 @@ def test_pyfunc_takes_uint8_images_and_returns_class_names(student, tracking):
     assert int((predictions["class_index"].to_numpy() == y).sum()) == int(student["run"].data.metrics["test_correct"])
     assert [CLASSES[i] for i in predictions["class_index"]] == list(predictions["label"])
     assert ((predictions["probability"] > 0) & (predictions["probability"] <= 1)).all()
-    # the network, for logits: normalised float input, as the README says
+    # the network, for logits: normalised float input, as docs/serving.md says
     network = mlflow.pytorch.load_model(student["uri"])
     with torch.no_grad():
         logits = network((torch.tensor(x).float().unsqueeze(1) / 255 - MEAN) / STD)

@@ -13,7 +13,7 @@ import socket
 import ray
 
 from ..config import ConfigError
-from . import RETRIES, Cell, Job, Options, Outcome, add_counts, enter_worker, run_cell_here
+from .cells import RETRIES, Cell, Job, Options, Outcome, add_counts, enter_worker, run_cell_here
 
 LOCAL_OBJECT_STORE = 128 * 1024**2  # outcomes are a few hundred bytes; the default 30% of RAM is shm
 
@@ -41,7 +41,7 @@ def _connect(opts: Options, echo) -> bool:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0][:200]}; "
-                              f"start it with `ray start --head` (see the README) or drop --ray-address") from None
+                              f"start it with `ray start --head` (see docs/many-runs.md) or drop --ray-address") from None
     else:
         # "local": a new Ray of this process, even where another Ray runs on the machine
         ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError
 from ..modes import MODES
-from . import RETRIES, Cell, Job, Options, check_options
+from .cells import RETRIES, Cell, Job, Options, check_options
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 METRICS = {"val_acc": "max", "val_loss": "min"}
@@ -137,7 +137,7 @@ def _number(trial_name: str) -> int:
 def _trial(config: dict, base: Config = None, job: Job = None, env: dict = None, driver_code: str = "") -> None:
     from ray import tune
 
-    from . import enter_worker, run_cell_here
+    from .cells import enter_worker, run_cell_here
 
     refused = enter_worker(job, env, driver_code)
     if refused:

@@ -1,4 +1,5 @@
-"""All of MLflow lives here. Everything else receives a tracker with a few methods.
+"""All of MLflow lives here. Everything else receives a tracker with a few methods, or reads
+runs through ``queries``.
 
 Run ownership: under ``mlflow run`` the entry point logs into the run MLflow created
 (``MLFLOW_RUN_ID``), never a second top-level run; launched directly, we create it.
@@ -23,6 +24,15 @@ One file per job:
 - ``lifecycle.py``: ``start_run`` (experiment choice, adopting ``mlflow run``'s run,
   its name, git commit and heartbeat);
 - ``resume.py``: which run a ``resume`` parameter continues.
+- ``queries.py``: reading runs, experiments and artifacts for analysis (compare, benchmark,
+  sweep) and for fetching models;
+- ``registry.py``: registered versions, their descriptions, the champion alias, pull;
+- ``serving.py`` and ``pyfunc_images.py``: what a logged student carries, and the python
+  function that serves raw images (copied into every logged model's code/);
+- ``sync.py``: ``kd-mlflow sync`` of offline runs; ``cleanup.py``: ``kd-mlflow runs clean``
+  and the runs/ working directories.
+
+No other module of the package imports mlflow (tests/test_layout.py checks).
 
 Module state a test may replace (``offline.OFFLINE_DIRS``, ``metrics.MAX_BUFFERED_METRICS``)
 is not re-exported here: patch it in its own module, where it is read.

@@ -83,7 +83,7 @@ def _warm_model_logging() -> None:
 
         importlib.import_module("mlflow.pytorch")
         importlib.import_module("torch.export._trace")
-        importlib.import_module("kd_mlflow.plots")  # seaborn and scipy, for the end-of-run figures
+        importlib.import_module("kd_mlflow.analysis.plots")  # seaborn and scipy, for the end-of-run figures
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_modules_to_packages_map()
@@ -259,7 +259,7 @@ class MlflowTracker:
         if card is not None and raw_example is not None:
             from mlflow.models import Model
 
-            from .. import serving
+            from . import serving
 
             info = Model.log(None, name=name, flavor=serving, flavor_name="pytorch", metadata=card["metadata"],
                              step=int(card.get("step", 0)), pytorch_model=model, example=example,
@@ -274,7 +274,7 @@ class MlflowTracker:
                 serialization_format="pt2", **common)
         version = getattr(info, "registered_model_version", None)
         if version is not None:
-            from ..registry import describe_version, update_champion
+            from .registry import describe_version, update_champion
 
             describe_version(mlflow.MlflowClient(), registered_name, int(version), card)
             update_champion(mlflow.MlflowClient(), registered_name)
@@ -284,7 +284,7 @@ class MlflowTracker:
         """Register an already logged model (e.g. the best child of a sweep) under ``name``,
         described by ``card`` (serving.model_card of the run that logged it), as a version
         of this run: the run that selected it lists it and lends it its test_acc."""
-        from ..registry import register_version
+        from .registry import register_version
 
         def register():
             self.metrics.flush()  # as in _log_model: this run's test_acc first

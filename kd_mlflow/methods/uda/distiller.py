@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...augment import strong_augment
+from ...data.augment import strong_augment
 from ...data import DeviceBatches
 from ..base import Distiller
 from ..logits import hinton_kd_loss

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .tracking import shown_registry_uri
+from ..errors import ConfigError
+from .health import shown_registry_uri
 
 CHAMPION = "champion"
 
@@ -26,7 +26,7 @@ def _client(client=None):
         return client
     import mlflow
 
-    from .tracking import check_tracking_server
+    from .health import check_tracking_server
 
     check_tracking_server(mlflow.get_registry_uri())
     return mlflow.MlflowClient()
@@ -268,7 +268,7 @@ def pull(spec: str, out_dir, client=None):
 
 
 def _first_line(exc: Exception) -> str:
-    from .tracking import redact
+    from .health import redact
 
     text = str(exc).strip()
     return redact(text.splitlines()[0] if text else type(exc).__name__)[:160]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError
-from .tracking.offline import RECORD, STEPS, read_metrics, read_record, write_record
+from ..errors import ConfigError
+from .offline import RECORD, STEPS, read_metrics, read_record, write_record
 
 
 def find_offline_dirs(path: str | Path) -> list[Path]:
@@ -92,9 +92,9 @@ def _log_model(run_id: str, directory: Path, entry: dict):
     import mlflow
     import torch
 
-    from .checkpoint import load_model_checkpoint
-    from .models import create_model
-    from .tracking import MlflowTracker
+    from ..checkpoint import load_model_checkpoint
+    from ..models import create_model
+    from .tracker import MlflowTracker
 
     checkpoint = directory / "files" / entry["checkpoint"]
     state, meta = load_model_checkpoint(checkpoint)
@@ -208,9 +208,7 @@ def _parents_first(directories: list[Path]) -> list[Path]:
 
 
 def sync(path: str | Path, echo=print) -> list[str]:
-    from .tracking import check_tracking_server, shown_tracking_uri
-
-    import mlflow
+    from .health import check_tracking_server, shown_tracking_uri
 
     directories = _parents_first(find_offline_dirs(path))
     if not directories:

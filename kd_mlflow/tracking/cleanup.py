@@ -21,16 +21,21 @@ of a kd-mlflow older than the heartbeat) nothing was logged for longer than --ol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tracking import HEARTBEAT_SECONDS, HEARTBEAT_TAG, OFFLINE_ROOT
+from .lifecycle import HEARTBEAT_SECONDS, HEARTBEAT_TAG
+from .offline import OFFLINE_ROOT
 
 HEARTBEAT_STALE_SECONDS = 5 * HEARTBEAT_SECONDS  # five missed beats: the process is gone (or unreachable)
 PARENT_TAG = "mlflow.parentRunId"
 CLEANED_TAG = "kd_mlflow.cleaned"  # why runs clean marked the run FAILED
+# Where a training keeps its per-run files (runs/<run_id>/last.pt, model.pt); the execution
+# layer points it at --storage for the cells it runs. Read as cleanup.RUNS_DIR, at use.
+RUNS_DIR = OFFLINE_ROOT
 
 
 @dataclass
@@ -56,7 +61,7 @@ def _ago(ms: int, now: float) -> str:
 
 
 def _entry_points() -> set[str]:
-    from .modes import MODES
+    from ..modes import MODES
 
     return {"main", "compare", "benchmark", *MODES}  # as kd_mlflow.mlproject renders them
 
@@ -137,8 +142,8 @@ def judge(run, experiment: str, ancestors: list, processes: dict, older_than_s: 
 
 def _experiments(client, name: str) -> dict[str, str]:
     """{experiment_id: name} of the active experiments, or of ``name`` alone."""
-    from .config import ConfigError
-    from .tracking import shown_tracking_uri
+    from ..config import ConfigError
+    from .health import shown_tracking_uri
 
     if name:
         exp = client.get_experiment_by_name(name)
@@ -288,7 +293,7 @@ def clean_workdirs(yes: bool, echo=print, confirm=None, root: Path = OFFLINE_ROO
 def clean(experiment: str, older_than_minutes: float, yes: bool, echo=print, confirm=None) -> list[RunVerdict]:
     """List the stale RUNNING runs and, with ``yes`` (or ``confirm()`` saying so), mark them
     FAILED. Returns the runs marked."""
-    from .tracking import check_tracking_server, shown_tracking_uri
+    from .health import check_tracking_server, shown_tracking_uri
 
     check_tracking_server()
     verdicts = find_runs(experiment, older_than_minutes)
@@ -310,3 +315,23 @@ def clean(experiment: str, older_than_minutes: float, yes: bool, echo=print, con
         echo(f"marked {len(stale)} run(s) FAILED (tag {CLEANED_TAG} says why)")
     clean_workdirs(yes, echo, confirm)
     return stale
+
+
+KEEP_ENV = "KD_KEEP_RUN_FILES"  # =1: keep runs/<run_id>/ after a run FINISHED (last.pt, model.pt)
+RUN_FILES = ("last.pt", "model.pt")
+
+
+def release_workdir(run_id: str | None) -> None:
+    """After a run FINISHED with everything on the tracking server, its working files go:
+    last.pt (the epoch checkpoint, only for resuming an unfinished run) and model.pt (in
+    the logged model's extra_files). A run whose offline directory waits for
+    ``kd-mlflow sync`` keeps everything; ``kd-mlflow runs clean`` reports what is left."""
+    if not run_id or os.environ.get(KEEP_ENV, "") not in ("", "0"):
+        return
+    workdir = RUNS_DIR / run_id
+    if (OFFLINE_ROOT / run_id / "offline").exists() or (workdir / "offline").exists():
+        return
+    for name in RUN_FILES:
+        (workdir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        workdir.rmdir()  # only when nothing else is in it

@@ -15,8 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 LOADER = "kd_mlflow_images"  # the module name of pyfunc_images.py inside a model's code/
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .pyfunc_images import CENTER_CROP_FRACTION, center_crop  # noqa: F401 (the serving transform, shared)
+from ..errors import ConfigError
+from ..tracking.pyfunc_images import CENTER_CROP_FRACTION, center_crop  # noqa: F401 (the serving transform, shared)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,7 +207,7 @@ def decode_all(files: list, size: int, policy: str) -> tuple[np.ndarray, list, l
 # ------------------------------------------------------------------ streaming
 # A folder whose decoded images do not fit in memory (or data_loading=stream) streams:
 # its splits hold FolderImages (the files) instead of pixels, and DeviceBatches built on
-# such a split is a StreamBatches (data.py), which decodes each batch in DataLoader
+# such a split is a StreamBatches (batches.py), which decodes each batch in DataLoader
 # workers. What decides a training batch is the same as in memory: a permutation drawn
 # from the batches' generator (saved in every epoch checkpoint, so a resumed run draws
 # the next epoch's exact order and crops), a global batch of batch_size split into

@@ -21,7 +21,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .modes import BASELINE, DISTILLATION_MODES  # noqa: E402
+from ..modes import BASELINE, DISTILLATION_MODES  # noqa: E402
 
 DPI = 150
 

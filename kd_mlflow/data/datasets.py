@@ -1,5 +1,5 @@
 """What kd-mlflow knows about each dataset, without importing torch: config validation
-reads it, and data.py (which loads the images) re-exports it."""
+reads it, and the data package (which loads the images) re-exports it."""
 
 from __future__ import annotations
 
