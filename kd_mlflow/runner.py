@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, teacher_cache
+from . import distributed
 from .checkpoint import atomic_copy, save_model_checkpoint
 from .config import Config, ConfigError, unwritable_reason
 from .data import DataBundle, DeviceBatches, class_names, load_data
 from .models import create_model
 from .modes import MODES
-from . import pretrained
-from .pretrained import is_inside_pretrained
+from .teachers import cache as teacher_cache
+from .teachers import pretrained
+from .teachers.pretrained import is_inside_pretrained
 from .tracking.serving import model_card
 from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
 from .tracking import NullTracker, cleanup

@@ -8,7 +8,7 @@ import torch
 
 from kd_mlflow.config import Config
 from kd_mlflow.data import DATASETS, DeviceBatches, Split, load_arrays
-from kd_mlflow.pretrained import PRETRAINED_DIR, read_manifest, sha256_of
+from kd_mlflow.teachers.pretrained import PRETRAINED_DIR, read_manifest, sha256_of
 from kd_mlflow.teachers import load_teacher, teacher_source
 from kd_mlflow.trainer import count_correct
 

@@ -11,7 +11,7 @@ import pytest
 from kd_mlflow.checkpoint import save_model_checkpoint
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.models import create_model
-from kd_mlflow.pretrained import PRETRAINED_DIR
+from kd_mlflow.teachers.pretrained import PRETRAINED_DIR
 from kd_mlflow.runner import run
 
 TINY = dict(dataset="fashion_mnist", student="resnet8", epochs=1, train_subset=256, val_size=128, test_subset=256,

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from kd_mlflow import teacher_cache
+from kd_mlflow.teachers import cache as teacher_cache
 from kd_mlflow.benchmark import BenchmarkResult, plan, train_pairs
 from kd_mlflow.checkpoint import save_model_checkpoint
 from kd_mlflow.config import Config

@@ -136,7 +136,7 @@ def _cache_counts(enabled: bool, seed: int):
     trains cells one after another): modes of one seed that run the same teacher on the
     same batches compute it once; a new seed never sees the same batches, so it is emptied."""
     global _cache_session, _cache_seed
-    from .. import teacher_cache
+    from ..teachers import cache as teacher_cache
 
     if not enabled:
         return None

@@ -110,7 +110,7 @@ class Distiller(nn.Module):
         """-> (logits, pooled penultimate embedding or None) of teacher ``index`` on ``x``.
         Within a teacher-cache session (kdparam, allkd, a benchmark) they are read from
         the cache when an earlier training ran the same teacher on this very batch of
-        the same data stream (teacher_cache.py says when); else the teacher runs."""
+        the same data stream (teachers/cache.py says when); else the teacher runs."""
         if self.teacher_cache is not None:
             return self.teacher_cache.outputs(index, self.teachers[index], x, embedding)
         teacher = self.teachers[index]

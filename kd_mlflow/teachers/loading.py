@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model_checkpoint, load_state_dict_file
-from .config import Config, ConfigError
-from .data import dataset_info
-from .models import create_model
-from .models.torchvision_models import canonical, torchvision_name
+from ..checkpoint import load_model_checkpoint, load_state_dict_file
+from ..config import Config, ConfigError
+from ..data import dataset_info
+from ..models import create_model
+from ..models.torchvision_models import canonical, torchvision_name
 from .pretrained import PRETRAINED_DIR
 
 
@@ -44,8 +44,8 @@ def teacher_source(cfg: Config, spec: str | None = None) -> str:
 
 
 def _download_registered(uri: str) -> Path:
-    from .tracking import redact, shown_registry_uri
-    from .tracking.queries import download_artifacts
+    from ..tracking import redact, shown_registry_uri
+    from ..tracking.queries import download_artifacts
 
     try:
         local = download_artifacts(uri)
@@ -152,9 +152,9 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
     teacher_finetune_epochs) get their new classifier trained on the frozen network, on
     the run's training split, selected by validation accuracy, each in a nested run
     ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
-    from .methods.base import NoKD
-    from .tracking import cleanup
-    from .trainer import Trainer, count_correct, exported_test_batches, seed_everything
+    from ..methods.base import NoKD
+    from ..tracking import cleanup
+    from ..trainer import Trainer, count_correct, exported_test_batches, seed_everything
 
     teachers, metas = list(teachers), [dict(m) for m in metas]
     for i, meta in enumerate(metas):

@@ -11,9 +11,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import load_model_checkpoint
+from ..checkpoint import load_model_checkpoint
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 MANIFEST = PRETRAINED_DIR / "manifest.json"
 
 
