@@ -89,6 +89,10 @@ def test_an_installed_method_is_listed_and_validated(plugin_env):
     assert "--lm-weight" in own.stdout and "logitmatch: weight of the logit MSE." in own.stdout
     bad = kd_mlflow(["train", "logitmatch", "--lm-weight", "-1"], plugin_env)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: lm_weight must be >= 0, got -1.0"
+    # tune knows its parameters: the space is checked against the installed mode's declaration
+    tuned = kd_mlflow(["tune", "logitmatch", "--space", "lm_wieght=uniform:0:1"], plugin_env)
+    assert tuned.returncode == 2 and "logitmatch has no parameter 'lm_wieght'" in tuned.stderr
+    assert "lm_weight" in tuned.stderr.split("its parameters are:")[1]
     # the committed MLproject does not depend on what is installed
     assert kd_mlflow(["mlproject", "--check"], plugin_env).returncode == 0
     # without the package, the mode does not exist

@@ -217,7 +217,7 @@ def run_tune(mode: str, space: list[str], trials: int = 8, metric: str = "val_ac
             parent.set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"])})
         parent.log_dict(rows, "tune_trials.json")
         if rows:
-            from ..plots import tune_history, tune_parameters
+            from ..analysis.plots import tune_history, tune_parameters
 
             title = f"tune {mode}: {base.student} on {base.dataset}, {len(rows)} trials"
             parent.log_figure(tune_history(rows, title), "figures/tune_history.png")

@@ -149,7 +149,7 @@ def sync_dir(directory: Path, echo=print) -> str | None:
         finish("tags")
     if "datasets" not in done:
         if record.get("datasets"):  # records written before datasets were logged have none
-            from .tracking import dataset_inputs
+            from .tracker import dataset_inputs
 
             client.log_inputs(run_id, dataset_inputs(record["datasets"]))
         finish("datasets")
