@@ -41,9 +41,11 @@ PG_TESTS := tests/test_e2e_core.py::test_teacher_entry_point 'tests/test_e2e_cor
   tests/test_compare_registry.py::test_champion_alias_follows_test_acc_and_pull_reproduces_it
 
 # TEST_WORKERS: pytest-xdist processes, whole test files each (their module fixtures stay shared).
+# --durations: the 25 slowest tests close every run (CI's too), so that where the suite's
+# time goes is on record wherever it ran.
 TEST_WORKERS ?= 2
 test: setup data
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 	@$(MAKE) --no-print-directory test-postgres
 
 test-postgres: setup
