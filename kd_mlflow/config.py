@@ -126,7 +126,7 @@ class Config:
         them, e.g. ``teachers`` to allkd only."""
         from .modes import MODES
 
-        own = {p.name for p in MODES[mode].params} if mode in MODES else set()
+        own = MODES[mode].own_names if mode in MODES else frozenset()
         return {k: v for k, v in values.items() if k in COMMON_FIELDS or k in own}
 
     @classmethod
@@ -361,7 +361,7 @@ def _config_init(self, mode: str = "kd", method: dict | None = None, **values) -
     common = {k: v for k, v in values.items() if k in COMMON_FIELDS}
     given = {k: v for k, v in values.items() if k not in COMMON_FIELDS}
     if mode in MODES:
-        declared = {p.name for p in MODES[mode].params}
+        declared = MODES[mode].own_names
         unknown = sorted(set(given) - declared)
         if unknown:
             from .modes import modes_taking

@@ -136,6 +136,12 @@ class Mode:
         """The mode's own parameters (the Params it declares)."""
         return tuple(p for p in self.parameters if isinstance(p, Param))
 
+    @property
+    def own_names(self) -> frozenset:
+        """The names of the mode's own parameters (what a Config of the mode may hold beside
+        the common fields)."""
+        return frozenset(p.name for p in self.params)
+
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
