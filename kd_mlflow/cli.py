@@ -50,6 +50,8 @@ class _ModeCommand(click.Command):
             from .modes import modes_taking
 
             name = exc.option_name.lstrip("-").split("=")[0].replace("-", "_")
+            if name in dict(MODES[self.name].renamed):
+                raise ConfigError(MODES[self.name].unknown_parameter(name)) from None
             takers = modes_taking(name)
             if not takers:
                 raise

@@ -32,7 +32,7 @@ def plan_sweep(mode: str, param: str, values: str, seeds: int, common: dict, fir
 
     check_single_training(mode, "sweep trains")
     if param not in MODES[mode].fields:
-        raise ConfigError(f"{mode} has no parameter {param!r}; its parameters are: {', '.join(MODES[mode].fields)}")
+        raise ConfigError(MODES[mode].unknown_parameter(param))
     kind = Config.parameter(param, mode).type
     if kind not in ("int", "float"):
         raise ConfigError(f"sweep varies a numeric parameter; {param} is a {kind}")

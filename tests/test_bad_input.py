@@ -77,6 +77,12 @@ def assert_clean_error(result, *needles):
     (["train", "dist", "--dist-gamma", "-2"], ["dist_gamma must be >= 0"]),
     (["train", "dist", "--dist-beta", "-2"], ["dist_beta must be >= 0"]),
     (["train", "triplet", "--triplet-weight", "-1"], ["triplet_weight must be >= 0"]),
+    (["train", "sp", "--sp-weight", "-1"], ["sp_weight must be >= 0"]),
+    # the feature weights' old shared name (what `mlflow run . -e pkd -P beta=10` passes on): the new name
+    (["train", "pkd", "--beta", "10"], ["mode pkd has no parameter beta (beta is now pkd_weight); pass pkd_weight"]),
+    (["train", "oh", "--beta=0.001"], ["beta is now oh_weight"]),
+    (["sweep", "sfd", "--param", "beta", "--values", "0.3,1"], ["mode sfd has no parameter beta (beta is now sfd_weight)"]),
+    (["tune", "pkd", "--space", "beta=loguniform:1:100"], ["beta is now pkd_weight"]),
     # logits are not what feature modes compare: one line naming the modes that take it
     (["train", "oh", "--logit-standardization", "true"], ["mode oh has no parameter logit_standardization",
                                                           "kd", "dkd", "dist"]),

@@ -117,3 +117,13 @@ def test_multi_stage_mode(mode, extra, n_children, teacher_run, mlflow_server):
     assert version.tags["mode"] == mode and version.tags["stage_mode"] == "kd"
     assert f"mode `{mode}`" in version.description and parent.info.run_id in version.description
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+
+
+def test_a_renamed_parameter_through_mlflow_run_names_the_new_one(mlflow_server):
+    """`-P beta=10` on pkd (the name before pkd_weight): MLflow passes the undeclared
+    parameter on, and the run stops at once with the new name, not a usage screen."""
+    proc = mlflow_run("pkd", mlflow_server, unique_experiment("renamed"), {**ONE_EPOCH, "beta": 10}, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: mode pkd has no parameter beta (beta is now pkd_weight); pass pkd_weight instead"], \
+        proc.stderr[-2000:]

@@ -61,7 +61,7 @@ def parse_space(mode: str, specs: list[str]) -> list[Dimension]:
             raise ConfigError(f"--space {spec!r} is not NAME=KIND:ARGS with KIND one of {', '.join(KINDS)} "
                               f"(e.g. temperature=loguniform:1:16, alpha=uniform:0.5:1, dkd_beta=choice:2,4,8)")
         if name not in MODES[mode].fields:
-            raise ConfigError(f"{mode} has no parameter {name!r}; its parameters are: {', '.join(MODES[mode].fields)}")
+            raise ConfigError(MODES[mode].unknown_parameter(name))
         if name in ("epochs", "seed", "resume"):
             raise ConfigError(f"--space cannot search {name}: it is the trials' budget or identity; set it with "
                               f"--{name}")

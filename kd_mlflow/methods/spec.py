@@ -149,6 +149,14 @@ class Mode:
         """``name`` as the mode calls it now (an old run's param may have an older name)."""
         return dict(self.renamed).get(name, name)
 
+    def unknown_parameter(self, name: str) -> str:
+        """The one-line refusal of a parameter the mode does not declare, with its new name
+        when it was renamed."""
+        new = dict(self.renamed).get(name)
+        if new:
+            return f"mode {self.name} has no parameter {name} ({name} is now {new}); pass {new} instead"
+        return f"{self.name} has no parameter {name!r}; its parameters are: {', '.join(self.fields)}"
+
     def load(self):
         """The implementing class or function; a clear ConfigError if it does not exist."""
         module, attr = (self.target or ":").split(":")
