@@ -162,12 +162,16 @@ def test_sigterm_stops_every_cell_and_the_same_command_continues_them(mlflow_ser
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     stopped = {r.data.tags["mode"]: r for r in runs}
-    assert {m: r.info.status for m, r in stopped.items()} == {"benchmark": "KILLED", "nokd": "KILLED", "kd": "KILLED"}
+    # kd (a teacher forward per step) checkpoints last, so it is mid-training when the signal
+    # lands; nokd, the faster cell, may already have finished its 3 epochs by then.
+    assert stopped["benchmark"].info.status == "KILLED" and stopped["kd"].info.status == "KILLED"
+    assert stopped["nokd"].info.status in ("KILLED", "FINISHED")
+    killed = sum(stopped[m].info.status == "KILLED" for m in ("nokd", "kd"))
 
     again = _driver(args, tmp_path, mlflow_server)
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
-    assert output.count("continued from its checkpoint") == 2, output
+    assert output.count("continued from its checkpoint") == killed, output
     cells = _cells(client, experiment)
     for mode in ("nokd", "kd"):  # the same runs, finished; no second run of a cell
         assert cells[mode][0].info.run_id == stopped[mode].info.run_id
