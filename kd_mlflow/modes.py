@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from dataclasses import replace
 from importlib.metadata import entry_points
 
 from . import methods
@@ -61,7 +62,7 @@ def _installed(taken: set) -> list[Mode]:
             print(f"warning: method {ep.name!r} from {origin} left out: {problem}", file=sys.stderr)
             continue
         taken.add(ep.name)
-        found.append(Mode(**{**declared.__dict__, "origin": origin}))
+        found.append(replace(declared, origin=origin))
     return found
 
 
@@ -69,7 +70,7 @@ def _with_resume(mode: Mode) -> Mode:
     # Single trainings can continue from their last epoch checkpoint; strategies cannot (yet).
     if mode.kind == "strategy" or "resume" in mode.fields:
         return mode
-    return Mode(**{**mode.__dict__, "parameters": (*mode.parameters, "resume")})
+    return replace(mode, parameters=(*mode.parameters, "resume"))
 
 
 def _ordered(builtin: list[Mode], installed: list[Mode]) -> list[Mode]:

@@ -29,12 +29,11 @@ from .config import Config, ConfigError, unwritable_reason
 from .data import DataBundle, DeviceBatches, class_names, load_data
 from .models import create_model
 from .modes import MODES
+from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, pretrained, teacher_source
 from .teachers import cache as teacher_cache
-from .teachers import pretrained
 from .teachers.pretrained import is_inside_pretrained
-from .tracking.serving import model_card
-from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, teacher_source
 from .tracking import NullTracker, cleanup
+from .tracking.serving import model_card
 from .trainer import (Trainer, count_correct, cpu_kind, evaluate, exported_test_batches, intra_op_threads,
                       resolve_device, resolve_precision, resolve_threads, seed_everything)
 

@@ -278,7 +278,7 @@ def _stop_in_process(rank: int, world: int, port: int, out_dir: str) -> None:
     stopped = {"step": None, "kind": None}
     with distributed.session(torch.device("cpu"), 2, world), _terminate_on_sigterm():
         # The votes through a gloo group of their own, as beside NCCL on GPUs (session()).
-        distributed.stop.vote_group = torch.distributed.new_group(backend="gloo")
+        distributed.process_group.vote_group = torch.distributed.new_group(backend="gloo")
         vote = distributed.StopVote()
         try:
             for step in range(20):

@@ -28,9 +28,10 @@ def imports(name: str, path: Path, known: dict, missing: list | None = None) -> 
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                (inside if alias.name.startswith("kd_mlflow") else outside).add(alias.name.split(".")[0]
-                                                                                if not alias.name.startswith("kd_mlflow")
-                                                                                else alias.name)
+                if alias.name.startswith("kd_mlflow"):
+                    inside.add(alias.name)
+                else:
+                    outside.add(alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")

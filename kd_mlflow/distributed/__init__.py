@@ -15,7 +15,7 @@ and makes an N-process run match the one-process run with the same global batch.
 
 from __future__ import annotations
 
-from . import stop  # noqa: F401  (stop.vote_group, stop.pending_signal: the state a test may set)
+from . import process_group  # noqa: F401  (process_group.vote_group: the state a test may set)
 from .batchnorm import GlobalBatchNorm2d, convert_batchnorm, revert_batchnorm
 from .ddp import wrap
 from .launch import launch

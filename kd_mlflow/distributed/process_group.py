@@ -11,7 +11,12 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from . import stop
+
+# The process's state in a data-parallel run, which session() sets up and clears and the
+# stop vote (stop.py) reads: the signal this rank got and has not acted on yet, and a gloo
+# group for the vote beside an NCCL default group (None: the default group).
+pending_signal: list[int] = []
+vote_group = None
 
 
 # ------------------------------------------------------------------ who am I
@@ -47,6 +52,7 @@ def session(device: torch.device, batch_size: int, nproc_per_node: int):
     """Inside torchrun with WORLD_SIZE > 1: join the process group and yield this rank's
     device (cuda:LOCAL_RANK on GPUs); the group is destroyed on every exit path.
     Otherwise yield ``device`` unchanged."""
+    global vote_group
     world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
     if world <= 1:
         yield device
@@ -76,12 +82,12 @@ def session(device: torch.device, batch_size: int, nproc_per_node: int):
         kwargs.update(init_method=init, rank=int(os.environ["RANK"]), world_size=world)
     dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=30), **kwargs)
     if backend_for(device) != "gloo":
-        stop.vote_group = dist.new_group(backend="gloo")  # StopVote's CPU numbers
+        vote_group = dist.new_group(backend="gloo")  # StopVote's CPU numbers
     try:
         yield device
     finally:
-        stop.pending_signal.clear()
-        stop.vote_group = None
+        pending_signal.clear()
+        vote_group = None
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

@@ -6,19 +6,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import process_group
+from .process_group import world_size
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
-# ------------------------------------------------------------------ stopping together
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the run is marked KILLED and the process exits != 0;
     the last completed epoch's checkpoint stays for ``-P resume``."""
-
-
-pending_signal: list[int] = []  # the signal this rank got and has not acted on yet
-vote_group = None  # a gloo group for StopVote beside an NCCL default group; None: the default
 
 
 def request_stop(signum: int) -> bool:
@@ -28,9 +22,9 @@ def request_stop(signum: int) -> bool:
     backward, a collective half done) could leave the others, or its own gloo threads,
     in a state that ends in an abort rather than a KILLED run. -> True when recorded;
     False when the caller should raise now (one process, or a second signal)."""
-    if world_size() == 1 or pending_signal:
+    if world_size() == 1 or process_group.pending_signal:
         return False
-    pending_signal.append(signum)
+    process_group.pending_signal.append(signum)
     return True
 
 
@@ -56,8 +50,10 @@ class StopVote:
     def step(self) -> None:
         if not self.enabled:
             return
-        flag = torch.tensor([pending_signal[0] if pending_signal else 0], dtype=torch.int32)
-        self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=vote_group, async_op=True), flag))
+        pending = process_group.pending_signal
+        flag = torch.tensor([pending[0] if pending else 0], dtype=torch.int32)
+        self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group.vote_group,
+                                             async_op=True), flag))
         if len(self.pending) > self.lag:
             self._settle(*self.pending.pop(0))
 
@@ -73,5 +69,5 @@ class StopVote:
             for later, _ in self.pending:  # issued by every rank alike: let them finish
                 later.wait()
             self.pending.clear()
-            pending_signal.clear()
+            process_group.pending_signal.clear()
             raise stop_exception(signum)
