@@ -98,6 +98,30 @@ def listening_sockets() -> list[tuple[str, int, str]]:
     return found
 
 
+def process_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, state, session id) for every process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid, _, sid = stat.rsplit(")", 1)[1].split()[:4]
+            table[int(entry.name)] = (int(ppid), state, int(sid))
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    """The pids of the children of ``pid``, their children, ... (Linux /proc)."""
+    table = process_table()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, (parent, _, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     # `mlflow server` forwards SIGTERM to its workers, so its own pid is enough.
     if proc.poll() is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import listening_sockets, mlflow_run, runs_of, unique_experiment
+from conftest import descendants, listening_sockets, mlflow_run, runs_of, unique_experiment
 from kd_mlflow.data import DATASETS, DeviceBatches, Split
 
 
@@ -193,13 +193,16 @@ LOSSES = ("train_loss", "loss_ce", "loss_kd", "val_loss")
 
 
 def kd_mlflow_listeners() -> set[tuple[str, int]]:
-    """(address, port) of the LISTEN sockets held by kd-mlflow processes: the launcher
-    (`mlflow run` starts entry_points/run.py) and its ranks (Linux /proc)."""
+    """(address, port) of the LISTEN sockets held by this test's kd-mlflow processes: the
+    launcher (`mlflow run` starts entry_points/run.py) and its ranks (Linux /proc)."""
     by_inode = {inode: (address, port) for address, port, inode in listening_sockets()}
     found = set()
-    for proc in Path("/proc").iterdir():
+    # This process's descendants only: the suite runs on pytest-xdist, and another worker's
+    # tests have kd-mlflow processes too (a local Ray's driver, say, which listens on every interface).
+    for pid in descendants(os.getpid()):
+        proc = Path("/proc") / str(pid)
         try:
-            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            cmdline = (proc / "cmdline").read_bytes()
             if not any(name in cmdline for name in (b"kd_mlflow", b"kd-mlflow", b"entry_points/run.py")):
                 continue
             for fd in (proc / "fd").iterdir():

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, fresh_postgres_database, free_port, listening_sockets, require_postgres, wait_for_http
+from conftest import (BIN, descendants, fresh_postgres_database, free_port, listening_sockets, process_table,
+                      require_postgres, wait_for_http)
 
 from kd_mlflow.cli import main
 
@@ -141,29 +142,6 @@ def test_postgres_scheme_spelling_and_password_redaction():
 def listening_addresses(port: int) -> set[str]:
     """Local addresses of the LISTEN sockets on ``port``."""
     return {address for address, p, _ in listening_sockets() if p == port}
-
-
-def process_table() -> dict[int, tuple[int, str, int]]:
-    """pid -> (parent pid, state, session id) for every process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid, _, sid = stat.rsplit(")", 1)[1].split()[:4]
-            table[int(entry.name)] = (int(ppid), state, int(sid))
-    return table
-
-
-def descendants(pid: int) -> set[int]:
-    table = process_table()
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, (parent, _, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def alive(pids: set[int], session: int | None = None) -> set[int]:
