@@ -114,6 +114,25 @@ def test_summary_pairs_matched_seeds_and_keeps_welch_beside_it():
     assert row["paired_p"] < 0.05 < row["gain_p"]
     shown = display_table(summary).set_index("mode").loc["kd"]
     assert shown["test"] == "paired (0,1,2)" and shown["p (Holm)"] == f"{row['paired_p_holm']:.3g}"
+    # no epoch times (a runs CSV from before they were recorded): the wall time is shown
+    assert "wall time (s)" in shown and "train time (s)" not in shown
+
+
+def test_the_table_shows_the_epochs_time_when_every_mode_has_it():
+    """A run stopped and continued later has the pause in its wall time: where every row has
+    the sum of its epoch times, that is the column shown."""
+    frame = pd.DataFrame([
+        {"dataset": "d", "student": "s", "mode": m, "teacher": "t", "seed": i, "test_acc": 80.0 + i,
+         "test_acc_last": 80.0, "best_val_acc": 50.0, "teacher_test_acc": math.nan,
+         "wall_seconds": wall, "train_seconds": train}
+        for m, rows in {"nokd": [(10.0, 9.0), (12.0, 11.0)], "kd": [(20.0, 18.0), (5000.0, 20.0)]}.items()
+        for i, (wall, train) in enumerate(rows)])
+    shown = display_table(summarize(frame)).set_index("mode")
+    assert "wall time (s)" not in shown
+    assert list(shown["train time (s)"]) == ["10.0", "19.0"]
+    partly = frame.assign(train_seconds=[9.0, 11.0, 18.0, math.nan])  # one kd seed without: no mean of the rest
+    shown = display_table(summarize(partly)).set_index("mode")
+    assert "train time (s)" not in shown and list(shown["wall time (s)"]) == ["11.0", "2510.0"]
 
 
 def test_compare_recomputes_a_committed_runs_csv_without_mlflow(tmp_path):
@@ -231,7 +250,7 @@ class Synth:
         self.clock = 1_700_000_000_000
 
     def run(self, mode, seed, test_acc, *, status="FINISHED", wall=10.0, teacher=None, params=None, tags=None,
-            val=(50.0, 60.0, 70.0), best_val=None, parent=None, teacher_acc=None, metrics=True):
+            val=(50.0, 60.0, 70.0), best_val=None, parent=None, teacher_acc=None, metrics=True, epochs=()):
         from mlflow.entities import Metric, Param
 
         self.clock += 60_000
@@ -248,6 +267,7 @@ class Synth:
         ms = []
         if metrics:
             ms = [Metric("val_acc", v, start + i, i) for i, v in enumerate(val)]
+            ms += [Metric("epoch_seconds", v, start + i, i) for i, v in enumerate(epochs)]
             ms += [Metric("best_val_acc", best_val if best_val is not None else max(val), start, 0)]
             if test_acc is not None:
                 ms.append(Metric("test_acc", test_acc, start, 0))
@@ -269,10 +289,12 @@ def synthetic_experiment(tracking, monkeypatch):
     s = Synth(client, client.create_experiment(name))
     ids = {}
     ids["nokd_old"] = s.run("nokd", 0, 70.0)                                   # superseded by the next
-    ids["nokd0"] = s.run("nokd", 0, 80.0, wall=10.0, val=(60.0, 70.0, 78.0))
-    ids["nokd1"] = s.run("nokd", 1, 82.0, wall=20.0, params={"lr": ".1", "weight_decay": "5e-4"})  # as typed
-    ids["kd0"] = s.run("kd", 0, 85.0, teacher_acc=90.0, wall=30.0, val=(65.0, 75.0, 84.0))
-    ids["kd1"] = s.run("kd", 1, 87.0, teacher_acc=90.0, wall=50.0)
+    ids["nokd0"] = s.run("nokd", 0, 80.0, wall=10.0, val=(60.0, 70.0, 78.0), epochs=(2.0, 3.0, 4.0))
+    ids["nokd1"] = s.run("nokd", 1, 82.0, wall=20.0, params={"lr": ".1", "weight_decay": "5e-4"},  # as typed
+                         epochs=(4.0, 5.0, 6.0))
+    ids["kd0"] = s.run("kd", 0, 85.0, teacher_acc=90.0, wall=30.0, val=(65.0, 75.0, 84.0), epochs=(3.0, 4.0, 5.0))
+    # stopped after its first epoch and continued later: the pause is in its wall time only
+    ids["kd1"] = s.run("kd", 1, 87.0, teacher_acc=90.0, wall=50.0, epochs=(5.0, 6.0, 7.0))
     ids["kd_failed"] = s.run("kd", 2, 99.0, status="FAILED", teacher_acc=90.0)
     ids["kd_running"] = s.run("kd", 3, 99.0, status="RUNNING", teacher_acc=90.0)
     ids["kd_killed"] = s.run("kd", 4, 99.0, status="KILLED", teacher_acc=90.0)
@@ -284,7 +306,9 @@ def synthetic_experiment(tracking, monkeypatch):
     ids["rkd2"] = s.run("rkd", 2, 89.0, wall=16.0, parent=ids["bench"], tags={"benchmark_run_id": ids["bench"]})
     ids["allkd"] = s.run("allkd", 0, 86.0, wall=100.0, val=(), best_val=60.0)  # a parent: no curve of its own
     ids["allkd_child"] = s.run("kd", 0, 99.0, parent=ids["allkd"], tags={"parent_mode": "allkd"},
-                               val=(40.0, 50.0, 60.0))
+                               val=(40.0, 50.0, 60.0), epochs=(10.0, 20.0, 30.0))
+    ids["allkd_child2"] = s.run("kd", 0, 98.0, parent=ids["allkd"], tags={"parent_mode": "allkd"},
+                                epochs=(1.0, 2.0, 3.0))
     s.client.set_tag(ids["allkd"], "selected_run_id", ids["allkd_child"])
     ids["teacher"] = s.run("teacher", 0, 91.0, params={"arch": "resnet20"})
     ids["no_mode"] = s.run("", 0, 50.0)
@@ -312,6 +336,10 @@ def check_comparison(summary: pd.DataFrame, excluded: pd.DataFrame, ids: dict) -
             assert math.isnan(row["test_acc_std"])
     assert rows["nokd"]["wall_seconds_mean"] == pytest.approx(15.0)
     assert rows["kd"]["wall_seconds_mean"] == pytest.approx(40.0)
+    # the epochs' times: kd (3+4+5 and 5+6+7), allkd's two stages summed (60 + 6); rkd's
+    # runs logged none, so it has no mean of some seeds only
+    assert (rows["nokd"]["train_seconds_mean"], rows["kd"]["train_seconds_mean"]) == (12.0, 15.0)
+    assert rows["allkd"]["train_seconds_mean"] == 66.0 and math.isnan(rows["rkd"]["train_seconds_mean"])
     assert rows["rkd"]["seeds"] == "0,1,2"  # the benchmark child counts
     assert rows["kd"]["best_val_acc_max"] == pytest.approx(84.0)
     assert rows["kd"]["teacher_test_acc"] == pytest.approx(90.0)
@@ -374,6 +402,7 @@ def test_compare_statistics_exclusions_and_logged_artifacts(synthetic_experiment
     assert "+3.75 [" in out.output  # rkd: its seeds 0 and 1 pair with nokd's, seed 2 has no partner
     assert "8 run(s) record no code_version" in out.output  # synthetic runs, logged without provenance
     assert "Left out (8 runs)" in out.output and ids["kd_failed"] in out.output
+    assert "| wall time (s) |" in out.output  # rkd's runs logged no epoch times
 
     exp = client.get_experiment_by_name(name)
     compares = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mode") == "compare"

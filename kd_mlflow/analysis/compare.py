@@ -2,8 +2,9 @@
 
 ``compare_experiment(name)`` reads every run of an experiment through the MLflow API
 and reduces it to one row per (dataset, student, mode, teacher): how many runs (seeds),
-mean and standard deviation of ``test_acc``, best validation accuracy, mean wall time,
-and the gain over ``nokd`` (same dataset and student) with a 95% confidence interval:
+mean and standard deviation of ``test_acc``, best validation accuracy, mean wall time and
+training time (the sum of the epochs' times, which a stop and a later continuation do not
+inflate), and the gain over ``nokd`` (same dataset and student) with a 95% confidence interval:
 paired on the seeds both share (seed k fixes the split and the batch order for every
 mode) where there are at least two, and Welch's where both groups have at least two
 seeds; both are reported, and Holm adjusts each test's p-values across the modes. ``log_comparison`` stores the
@@ -30,7 +31,7 @@ from .runs import EXCLUDED_COLUMNS, PROVENANCE, counted_runs, runs_frame, select
 from .statistics import CONFIDENCE, holm, paired_interval, welch_interval
 
 SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "test_acc_mean", "test_acc_std",
-                   "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "teacher_test_acc",
+                   "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "train_seconds_mean", "teacher_test_acc",
                    "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p", "gain_p_holm",
                    "test_acc_last_mean", "test_acc_last_std", "gain_last_vs_nokd", "gain_last_ci_low",
                    "gain_last_ci_high", "paired_seeds", "paired_gain", "paired_ci_low", "paired_ci_high",
@@ -60,6 +61,8 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
     """One row per (dataset, student, mode, teacher) of the included runs."""
     rows = []
     keys = ["dataset", "student", "mode", "teacher"]
+    if "train_seconds" not in frame.columns:
+        frame = frame.assign(train_seconds=math.nan)
     for key, g in frame.groupby(keys, sort=False):
         acc = g["test_acc"].tolist()
         last = g["test_acc_last"].dropna().tolist()
@@ -72,6 +75,8 @@ def summarize(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFra
                      "test_acc_last_std": statistics.stdev(last) if len(last) >= 2 else math.nan,
                      "best_val_acc_mean": g["best_val_acc"].mean(), "best_val_acc_max": g["best_val_acc"].max(),
                      "wall_seconds_mean": g["wall_seconds"].mean(),
+                     # NaN unless every run has it (a mean over some seeds would not compare)
+                     "train_seconds_mean": g["train_seconds"].mean() if g["train_seconds"].notna().all() else math.nan,
                      "teacher_test_acc": teacher_acc.mean() if len(teacher_acc) else math.nan,
                      "_acc": acc, "_last": last,
                      "_by_seed": {int(s): a for s, a in zip(g["seed"], g["test_acc"]) if not pd.isna(s)}})
@@ -123,6 +128,29 @@ def val_acc_histories(client, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "mode", "teacher", "seed", "epoch", "val_acc"])
 
 
+def train_seconds(client, runs: list, frame: pd.DataFrame) -> list[float]:
+    """Per run of ``frame``: the sum of its epochs' times (``epoch_seconds``: training and
+    validation), and for a multi-stage run the sum over its stages. Unlike the wall time
+    (end - start), this leaves out start-up and export, and the time a run spent stopped
+    before the same command continued it. NaN where a run logged no epoch time."""
+    children: dict[str, list[str]] = {}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent and r.data.tags.get("parent_mode"):
+            children.setdefault(parent, []).append(r.info.run_id)
+    has_epochs = {r.info.run_id for r in runs if "epoch_seconds" in r.data.metrics}
+
+    def seconds(run_id: str) -> float:
+        if run_id in has_epochs:
+            # one value per epoch; a continued run starts after its last finished epoch
+            by_epoch = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_seconds")}
+            return float(sum(by_epoch.values()))
+        stages = [seconds(child) for child in children.get(run_id, [])]
+        return float(sum(stages)) if stages else math.nan
+
+    return [seconds(run_id) for run_id in frame["run_id"]]
+
+
 def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histories: bool = True) -> Comparison:
     """Read ``experiment`` (a name, or an id) and compare its modes."""
     client = client or tracking_client()
@@ -130,9 +158,10 @@ def compare_experiment(experiment: str, client=None, *, skip_run_ids=(), histori
     if exp is None:
         raise ConfigError(f"experiment {experiment!r} does not exist at {shown_tracking_uri()}; "
                           f"pass the name of an experiment with runs (see the MLflow UI)")
-    runs = counted_runs(search_all_runs(client, exp.experiment_id), skip_run_ids)
-    included, excluded, settings = select_runs(runs)
+    every_run = search_all_runs(client, exp.experiment_id)
+    included, excluded, settings = select_runs(counted_runs(every_run, skip_run_ids))
     frame = runs_frame(included)
+    frame["train_seconds"] = train_seconds(client, every_run, frame)
     excluded_frame = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
     return Comparison(exp.name, exp.experiment_id, summarize(frame), frame, excluded_frame, settings,
                       val_acc_histories(client, frame) if histories else pd.DataFrame())

@@ -33,6 +33,9 @@ def _fmt(v, spec: str = ".2f") -> str:
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as people read it: mean ± std, the gain with its interval."""
     rows = []
+    # the epochs' time where every row has it (a stopped and continued run's wall time
+    # counts the pause), the wall time otherwise (runs CSVs written before it was recorded)
+    train_times = "train_seconds_mean" in summary and summary["train_seconds_mean"].notna().all()
     for r in summary.itertuples():
         # the test that matches the design: paired on matched seeds where there are >= 2
         paired = r.gain_test == "paired"
@@ -47,7 +50,8 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                      "test_acc_last (%)": _fmt(r.test_acc_last_mean) + (
                          f" ± {r.test_acc_last_std:.2f}" if not math.isnan(r.test_acc_last_std) else ""),
                      "best val_acc (%)": _fmt(r.best_val_acc_max),
-                     "wall time (s)": _fmt(r.wall_seconds_mean, ".1f"),
+                     **({"train time (s)": _fmt(r.train_seconds_mean, ".1f")} if train_times
+                        else {"wall time (s)": _fmt(r.wall_seconds_mean, ".1f")}),
                      f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain,
                      "test": f"paired ({r.paired_seeds})" if paired else r.gain_test,
                      "p (Holm)": _fmt(p_holm, ".3g"),
@@ -64,7 +68,9 @@ def comparison_markdown(c) -> str:
         lines += [markdown_table(display_table(c.summary)), "",
                   f"test_acc: mean ± sample standard deviation over seeds; best val_acc: the best over seeds; "
                   f"gain: test_acc minus nokd's (same dataset and student) with its {int(CONFIDENCE * 100)}% "
-                  f"t interval. Seed k trains every mode on the same split in the same batch order, so where "
+                  f"t interval. train time: the mean over seeds of the sum of a run's epoch times (training and "
+                  f"validation; a multi-stage run's stages summed), which leaves out start-up, export and "
+                  f"any time a run spent stopped before it was continued; wall time: end - start. Seed k trains every mode on the same split in the same batch order, so where "
                   f"a mode and nokd share >= 2 seeds the test is paired on those seeds (the gain is then the "
                   f"mean of the per-seed differences); otherwise Welch's, with >= 2 seeds each. "
                   f"test_acc is the best-validation student, test_acc_last the last epoch's (both the exported "

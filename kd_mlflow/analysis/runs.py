@@ -224,8 +224,10 @@ def runs_frame(runs: list) -> pd.DataFrame:
                      "test_acc": _metric(r, "test_acc"), "test_acc_last": _metric(r, "test_acc_last"),
                      "best_val_acc": _metric(r, "best_val_acc"),
                      "teacher_test_acc": _metric(r, "teacher_test_acc"), "wall_seconds": wall,
+                     "train_seconds": math.nan,  # compare_experiment reads it from the epochs' history
                      "parent_run_id": tags.get("mlflow.parentRunId", ""), "history_run_id": history_run,
                      **{k: tags.get(k, "") for k in PROVENANCE}})
     return pd.DataFrame(rows, columns=["run_id", "run_name", "dataset", "student", "mode", "teacher", "seed",
                                        "test_acc", "test_acc_last", "best_val_acc", "teacher_test_acc",
-                                       "wall_seconds", "parent_run_id", "history_run_id", *PROVENANCE])
+                                       "wall_seconds", "train_seconds", "parent_run_id", "history_run_id",
+                                       *PROVENANCE])
