@@ -125,6 +125,10 @@ class _Reporting:
         if "val_acc" in metrics and step is not None:
             from ray import tune
 
+            # Tune may stop the trial at this report, and a stopped trial's process ends
+            # without closing its run: the epoch's metrics reach MLflow first.
+            self._inner.flush_metrics()
+
             tune.report({"val_acc": metrics["val_acc"], "val_loss": metrics.get("val_loss", math.nan),
                          "epoch": step + 1, "run_id": self.run_id})
 

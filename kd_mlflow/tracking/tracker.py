@@ -41,6 +41,7 @@ class NullTracker:
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
+    def flush_metrics(self, timeout: float = 60.0) -> bool: return True
     def backfill(self, history: list) -> None: ...
     def log_dict(self, obj, path: str) -> None: ...
     def log_figure(self, fig, path: str) -> None: ...
@@ -146,6 +147,11 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.metrics.add(metrics, step)  # returns at once; a daemon thread delivers
+
+    def flush_metrics(self, timeout: float = 60.0) -> bool:
+        """Wait until the metrics logged so far have reached the server (at most
+        ``timeout`` s: during an outage they stay buffered) -> whether they all have."""
+        return self.metrics.flush(timeout)
 
     def backfill(self, history: list) -> None:
         """Log the epochs of ``history`` (one metrics dict per epoch, as in a checkpoint)
