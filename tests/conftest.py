@@ -29,6 +29,28 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+
+def share_cores_among_xdist_workers() -> set[int] | None:
+    """Under pytest-xdist, pin this worker (and so every process it starts: servers,
+    `mlflow run`, ranks, Ray) to its own share of the CPUs. A run's default `threads` is
+    the cores its process may use, so two workers that train at once no longer run two
+    threads each on the same two cores, where OpenMP's waiting threads spin against each
+    other (10-20x slower than one training alone). -> the CPUs kept, or None (not a worker,
+    no affinity on this OS, or fewer CPUs than workers)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and count.isdigit()) or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus, index, workers = sorted(os.sched_getaffinity(0)), int(worker[2:]), int(count)
+    if len(cpus) < workers:
+        return None
+    share = set(cpus[index % workers::workers])
+    os.sched_setaffinity(0, share)
+    return share
+
+
+# before torch is imported here: its thread pool is sized by the CPUs this process may use
+XDIST_CPUS = share_cores_among_xdist_workers()
+
 # Small enough for 2 CPU cores, large enough that accuracies are not noise.
 TINY = {"train_subset": 1000, "val_size": 500, "test_subset": 1000, "batch_size": 100,
         "epochs": 2, "device": "cpu"}
