@@ -31,7 +31,8 @@ from .runs import EXCLUDED_COLUMNS, PROVENANCE, counted_runs, runs_frame, select
 from .statistics import CONFIDENCE, holm, paired_interval, welch_interval
 
 SUMMARY_COLUMNS = ["dataset", "student", "mode", "teacher", "runs", "seeds", "test_acc_mean", "test_acc_std",
-                   "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "train_seconds_mean", "teacher_test_acc",
+                   "best_val_acc_mean", "best_val_acc_max", "wall_seconds_mean", "train_seconds_mean",
+                   "teacher_test_acc",
                    "gain_vs_nokd", "gain_ci_low", "gain_ci_high", "gain_df", "gain_p", "gain_p_holm",
                    "test_acc_last_mean", "test_acc_last_std", "gain_last_vs_nokd", "gain_last_ci_low",
                    "gain_last_ci_high", "paired_seeds", "paired_gain", "paired_ci_low", "paired_ci_high",
