@@ -114,6 +114,8 @@ def test_summary_pairs_matched_seeds_and_keeps_welch_beside_it():
     assert row["paired_p"] < 0.05 < row["gain_p"]
     shown = display_table(summary).set_index("mode").loc["kd"]
     assert shown["test"] == "paired (0,1,2)" and shown["p (Holm)"] == f"{row['paired_p_holm']:.3g}"
+    # Welch's interval beside the paired one: the same +2.00, but wide enough to include 0
+    assert shown["Welch [95% CI]"] == f"+2.00 [{welch.low:+.2f}, {welch.high:+.2f}]" and welch.low < 0
     # no epoch times (a runs CSV from before they were recorded): the wall time is shown
     assert "wall time (s)" in shown and "train time (s)" not in shown
 

@@ -30,6 +30,14 @@ def _fmt(v, spec: str = ".2f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _interval(estimate, low, high) -> str:
+    """"+2.67 [+1.51, +3.83]"; the estimate alone without an interval; "" without either."""
+    text = _fmt(estimate, "+.2f")
+    if text and not math.isnan(low):
+        text += f" [{low:+.2f}, {high:+.2f}]"
+    return text
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as people read it: mean ± std, the gain with its interval."""
     rows = []
@@ -41,9 +49,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         paired = r.gain_test == "paired"
         estimate, low, high, p_holm = ((r.paired_gain, r.paired_ci_low, r.paired_ci_high, r.paired_p_holm) if paired
                                        else (r.gain_vs_nokd, r.gain_ci_low, r.gain_ci_high, r.gain_p_holm))
-        gain = _fmt(estimate, "+.2f")
-        if gain and not math.isnan(low):
-            gain += f" [{low:+.2f}, {high:+.2f}]"
+        gain = _interval(estimate, low, high)
         rows.append({"dataset": r.dataset, "student": r.student, "mode": r.mode, "teacher": r.teacher,
                      "seeds": r.runs,
                      "test_acc (%)": _fmt(r.test_acc_mean) + (f" ± {r.test_acc_std:.2f}" if not math.isnan(r.test_acc_std) else ""),
@@ -55,6 +61,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                      f"gain vs nokd [{int(CONFIDENCE * 100)}% CI]": gain,
                      "test": f"paired ({r.paired_seeds})" if paired else r.gain_test,
                      "p (Holm)": _fmt(p_holm, ".3g"),
+                     f"Welch [{int(CONFIDENCE * 100)}% CI]": _interval(r.gain_vs_nokd, r.gain_ci_low, r.gain_ci_high),
                      "Welch p (Holm)": _fmt(r.gain_p_holm, ".3g")})
     return pd.DataFrame(rows)
 
@@ -76,9 +83,9 @@ def comparison_markdown(c) -> str:
                   f"mean of the per-seed differences); otherwise Welch's, with >= 2 seeds each. "
                   f"test_acc is the best-validation student, test_acc_last the last epoch's (both the exported "
                   f"fp32 model). p (Holm): that test of gain = 0, Holm-adjusted over all modes compared "
-                  f"with the same nokd; Welch p (Holm): Welch's test for every mode, for reference (summary.csv "
-                  f"has both tests' intervals). An interval is per mode and not adjusted, so with many modes "
-                  f"trust p (Holm) < 0.05 rather than an interval that just excludes 0."]
+                  f"with the same nokd; Welch: Welch's unpaired interval and Holm-adjusted test for every mode, "
+                  f"for reference. An interval is per mode and not adjusted, so with many modes trust "
+                  f"p (Holm) < 0.05 rather than an interval that just excludes 0."]
     else:
         lines.append("No comparable runs.")
     lines.append("")
