@@ -43,7 +43,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     # the epochs' time where every row has it (a stopped and continued run's wall time
     # counts the pause), the wall time otherwise (runs CSVs written before it was recorded)
-    train_times = "train_seconds_mean" in summary and summary["train_seconds_mean"].notna().all()
+    train_times = summary["train_seconds_mean"].notna().all()
     for r in summary.itertuples():
         # the test that matches the design: paired on matched seeds where there are >= 2
         paired = r.gain_test == "paired"
