@@ -32,7 +32,7 @@ from .modes import MODES
 from .teachers import PRETRAINED_DIR, finetune_heads, load_teacher, pretrained, teacher_source
 from .teachers import cache as teacher_cache
 from .teachers.pretrained import is_inside_pretrained
-from .tracking import NullTracker, cleanup
+from .tracking import MODEL_CARD, NullTracker, cleanup
 from .tracking.serving import model_card
 from .trainer import (Trainer, count_correct, cpu_kind, evaluate, exported_test_batches, intra_op_threads,
                       resolve_device, resolve_precision, resolve_threads, seed_everything)
@@ -167,6 +167,7 @@ def train_student(cfg: Config, distiller_cls, data: DataBundle, teachers: list, 
         card = model_card(cfg, info, class_names(cfg.dataset, cfg.resolved_data_dir()), test_correct=correct,
                           test_images=n, best_epoch=fit.best_epoch, run_id=tracker.run_id, teacher_meta=teacher_meta,
                           teacher_name=teacher_name)
+        tracker.log_dict(card, MODEL_CARD)  # a strategy that adopts this run later registers it with it
         model_uri, version = tracker.log_model(student_cpu, example_input(data),
                                                registered_name=cfg.model_name if register else None,
                                                checkpoint=checkpoint, card=card, raw_example=raw_example(data),

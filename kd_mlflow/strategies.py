@@ -94,8 +94,15 @@ def _train_cells(cfg: Config, cells: list, tracker) -> tuple[dict, dict]:
     from .execution import Job, Options, execute
 
     outcomes = {}
-    counts = execute(cells, Job(tracker.run_id, cfg.mode, parent=tracker), Options(),
-                     on_done=lambda cell, out: outcomes.__setitem__(cell.index, out))
+
+    def done(cell, out) -> None:
+        outcomes[cell.index] = out
+        if out.adopted:
+            print(f"{cfg.mode}: {cell.name} had finished in a stopped run of this {cfg.mode}: run {out.adopted} "
+                  f"(test_acc {out.test_acc:.2f}%) now belongs to this one, not trained again")
+
+    counts = execute(cells, Job(tracker.run_id, cfg.mode, parent=tracker, adopt_finished=True), Options(),
+                     on_done=done)
     failed = [f"{c.name}: {outcomes[c.index].error}" for c in cells if outcomes[c.index].error]
     if failed:
         raise RuntimeError(f"{cfg.mode}: {len(failed)} of {len(cells)} cells failed; the first: {failed[0]}")

@@ -119,6 +119,57 @@ def test_kdparam_grid_runs_one_child_per_cell_and_registers_the_best(env, tmp_pa
     assert {row["child_run_id"] for row in grid} == {c.info.run_id for c in children}
 
 
+def test_a_stopped_kdparam_takes_over_its_finished_cells_when_the_benchmark_continues(env, tmp_path):
+    """A real SIGTERM to a benchmark once its kdparam cell has finished part of its grid:
+    the same command starts kdparam again as a new run (a strategy keeps no checkpoint of
+    its own), which takes over the grid cells that had finished, same runs and numbers,
+    instead of training them again, and trains only the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    client, tiny = env
+    experiment = tiny["experiment"]
+    ckpt = teacher_checkpoint(tmp_path / "teacher.pt")
+    args = [sys.executable, "-m", "kd_mlflow", "benchmark", "--modes", "kdparam", "--seeds", "1",
+            "--teacher-checkpoint", ckpt, "--temperatures", "2,4,8", "--alphas", "0.9", "--epochs", "2",
+            "--train-subset", "512", "--val-size", "128", "--test-subset", "256", "--batch-size", "64",
+            "--device", "cpu", "--threads", "1", "--experiment", experiment]
+
+    def grid_runs():
+        return [r for r in runs_of(client, experiment) if r.data.tags.get("parent_mode") == "kdparam"]
+
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not any(r.info.status == "FINISHED" for r in grid_runs()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    before = {r.info.run_id: r for r in grid_runs()}
+    finished = {i for i, r in before.items() if r.info.status == "FINISHED"}
+    assert finished and len(finished) < 3, output[-3000:]
+    stopped_parent = {r.data.tags["mlflow.parentRunId"] for r in before.values()}
+    assert len(stopped_parent) == 1 and client.get_run(stopped_parent.pop()).info.status == "KILLED"
+
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("not trained again") == len(finished), again.stdout[-3000:]
+    parents = [r for r in runs_of(client, experiment) if r.data.tags.get("mode") == "kdparam"]
+    (new,) = [p for p in parents if p.info.status == "FINISHED"]
+    _, children = parent_and_children(client, new.info.run_id)
+    cells = sorted(float(c.data.params["temperature"]) for c in children)
+    assert cells == [2.0, 4.0, 8.0] and all(c.info.status == "FINISHED" for c in children)
+    assert finished <= {c.info.run_id for c in children}  # the same runs, now the new parent's
+    for run_id in finished:  # untouched: not trained again
+        assert client.get_run(run_id).data.metrics == before[run_id].data.metrics
+    assert len(grid_runs()) <= 3 + 1  # at most the stopped cell's run beside the three
+    grid = read_json_artifact(client, new.info.run_id, "kdparam_grid.json", tmp_path)
+    assert {row["child_run_id"] for row in grid} == {c.info.run_id for c in children}
+
+
 # ------------------------------------------------------------------------------ allkd
 def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path):
     client, tiny = env

@@ -37,6 +37,7 @@ class Outcome:
     registered_model: str | None = None
     error: str = ""
     resumed: str = ""  # the unfinished run it continued, if any
+    adopted: str = ""  # the finished run of a stopped parent it took over instead of training, if any
     counts: dict = field(default_factory=dict)  # teacher cache counters of this cell
     node: str = ""
     # what a strategy needs to register the cell it selects (kdparam's grid)
@@ -168,6 +169,9 @@ class Job:
     storage: str = ""
     workdir: str = ""  # the driver's working directory (pretrained/, relative paths)
     parent: object = None  # the parent's tracker, for cells trained in this process (never sent to Ray)
+    # a strategy's cells: take over the cell's finished run from a stopped earlier run of the
+    # same strategy (tracking.finished_cells_of_stopped_parents) instead of training it again
+    adopt_finished: bool = False
 
 
 def run_cell_here(cell: Cell, job: Job, wrap=None) -> Outcome:
@@ -186,7 +190,8 @@ def run_cell_here(cell: Cell, job: Job, wrap=None) -> Outcome:
 
 def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
     from .. import runner
-    from ..tracking import CELL_TAG, MlflowTracker, cleanup, code_version, redact, unfinished_cell_runs
+    from ..tracking import (CELL_TAG, MlflowTracker, adopt_cell_run, cleanup, code_version,
+                            finished_cells_of_stopped_parents, redact, unfinished_cell_runs)
 
     parent = job.parent if job.parent is not None else MlflowTracker(job.parent_run_id)
     key = cell.key(job.kind)
@@ -194,6 +199,17 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
     resumed = ""
     tracked = isinstance(getattr(parent, "_inner", parent), MlflowTracker) and not parent.offline.record.get(
         "created_offline")
+    for run in finished_cells_of_stopped_parents(job.parent_run_id, key) if tracked and job.adopt_finished else []:
+        if run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg):
+            adopted = adopt_cell_run(run, job.parent_run_id)
+            if adopted is not None:
+                m = run.data.metrics
+                return Outcome(cell.index, run.info.run_id, m.get("test_acc"), m.get("test_acc_last"),
+                               m.get("best_val_acc"), adopted=run.info.run_id,
+                               best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
+                               test_correct=int(m["test_correct"]) if "test_correct" in m else None,
+                               test_images=int(m["test_images"]) if "test_images" in m else None,
+                               model_uri=adopted[0], card=adopted[1])
     for run in unfinished_cell_runs(job.parent_run_id, key) if tracked else []:
         if (run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg)
                 and (cleanup.RUNS_DIR / run.info.run_id / "last.pt").is_file()):

@@ -58,8 +58,8 @@ from .lifecycle import (
     start_run,
 )
 from .offline import OFFLINE_ROOT
-from .resume import (CELL_TAG, kill_unfinished_children, mark_pruned, resumable_run, run_summary,
-                     unfinished_cell_runs)
+from .resume import (CELL_TAG, MODEL_CARD, adopt_cell_run, finished_cells_of_stopped_parents,
+                     kill_unfinished_children, mark_pruned, resumable_run, run_summary, unfinished_cell_runs)
 from .tracker import (SYSTEM_METRICS_INTERVAL, MlflowTracker, NullTracker, dataset_inputs, pip_requirements,
                       record_failure)
 
@@ -69,7 +69,8 @@ from .metrics import _MetricBuffer  # noqa: F401,E402
 from .offline import _Offline  # noqa: F401,E402
 
 __all__ = [
-    "CELL_TAG", "kill_unfinished_children", "mark_pruned", "run_summary", "unfinished_cell_runs",
+    "CELL_TAG", "MODEL_CARD", "adopt_cell_run", "finished_cells_of_stopped_parents", "kill_unfinished_children",
+    "mark_pruned", "run_summary", "unfinished_cell_runs",
     "DEFAULT_EXPERIMENT", "HEARTBEAT_SECONDS", "HEARTBEAT_TAG", "OFFLINE_ROOT", "SYSTEM_METRICS_INTERVAL",
     "MlflowTracker", "NullTracker", "check_launcher_experiment", "check_tracking_server", "code_version", "dataset_inputs",
     "git_commit", "is_mlflow_generated_name", "record_failure", "outage_wait_seconds", "pip_requirements", "redact",

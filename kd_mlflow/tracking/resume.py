@@ -77,6 +77,59 @@ def unfinished_cell_runs(parent_run_id: str, cell: str) -> list:
                               order_by=["attributes.start_time DESC"], max_results=50)
 
 
+def finished_cells_of_stopped_parents(parent_run_id: str, cell: str) -> list:
+    """The FINISHED runs of ``cell`` in the experiment of ``parent_run_id`` that are nested
+    under another run which was stopped (KILLED) or FAILED, the newest first. A stopped
+    strategy (a benchmark's kdparam or allkd cell) has no checkpoint of its own, so the same
+    command starts it again as a new run; its cells that had finished are these, and the
+    new run adopts them instead of training them again."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    value = cell.replace("'", "\\'")
+    runs = client.search_runs([experiment_id],
+                              filter_string=f"tags.`{CELL_TAG}` = '{value}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    status: dict[str, str] = {}
+    found = []
+    for run in runs:
+        parent = run.data.tags.get("mlflow.parentRunId", "")
+        if not parent or parent == parent_run_id:
+            continue
+        if parent not in status:
+            status[parent] = client.get_run(parent).info.status
+        if status[parent] in ("KILLED", "FAILED"):
+            found.append(run)
+    return found
+
+
+MODEL_CARD = "model_card.json"  # a student's serving.model_card, logged with its model
+
+
+def adopt_cell_run(run, parent_run_id: str) -> tuple[str, dict] | None:
+    """Nest the finished cell ``run`` under ``parent_run_id`` (the new run lists it, the
+    stopped one no longer does) -> (its logged model's URI, its model card), what the
+    parent needs to register it; None, and nothing changed, when the run lacks either
+    (made before runs logged their card)."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    models = run.outputs.model_outputs if run.outputs else []
+    if len(models) != 1:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            card = json.loads(open(client.download_artifacts(run.info.run_id, MODEL_CARD, tmp)).read())
+    except Exception:  # MLflow raises its own errors for a missing artifact
+        return None
+    client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_run_id)
+    return f"models:/{models[0].model_id}", card
+
+
 def kill_unfinished_children(parent_run_id: str) -> list[str]:
     """Mark KILLED every child of ``parent_run_id`` still RUNNING (cells whose worker was
     stopped before it could say so) -> their run ids."""
