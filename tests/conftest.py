@@ -13,6 +13,7 @@ never collide. Without it, PostgreSQL tests skip with the reason; KD_REQUIRE_POS
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -79,12 +80,44 @@ def wait_for_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+_SQLITE_TEMPLATE: list[Path] = []
+
+
+def sqlite_store(directory: Path, name: str = "mlflow.db", artifact_root: str | None = None) -> str:
+    """-> the URI of the SQLite tracking store ``directory/name``. A store that does not
+    exist yet starts as a copy of one this process migrated once: MLflow's migrations cost
+    ~3 s per new store, a copy milliseconds, and a test that creates many stores (each
+    training subprocess its own) would otherwise pay them every time. The copy's Default
+    experiment gets the artifact location MLflow would give it there (``artifact_root``,
+    else ``directory/mlruns``, plus /0). For stores whose creation a test is about (a
+    command that must not open the store), use the plain URI instead."""
+    import atexit
+    import shutil
+    import sqlite3
+    import tempfile
+
+    target = Path(directory) / name
+    if not target.exists():
+        if not _SQLITE_TEMPLATE:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            template = Path(tempfile.mkdtemp(prefix="kd-test-sqlite-")) / "template.db"
+            atexit.register(shutil.rmtree, template.parent, True)
+            SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "mlruns")).engine.dispose()
+            _SQLITE_TEMPLATE.append(template)
+        shutil.copyfile(_SQLITE_TEMPLATE[0], target)
+        root = artifact_root or str(Path(directory).resolve() / "mlruns")
+        with contextlib.closing(sqlite3.connect(target)) as db, db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (root.rstrip("/") + "/0",))
+    return f"sqlite:///{target}"
+
+
 def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra_args=(), env=None,
                         port: int | None = None):
     """-> (process, url). A given ``port`` restarts a stopped server where clients expect it;
     the log is appended to, so a restart keeps the first life's lines."""
     port = port or free_port()
-    backend = backend_uri or f"sqlite:///{workdir}/mlflow.db"
+    backend = backend_uri or sqlite_store(workdir, artifact_root="mlflow-artifacts:/")
     log = open(workdir / "server.log", "ab")
     # MLflow's GenAI job runner (8 processes with its Huey consumers, ~1 GB) is of no use to these tests
     # and slows every server start on 2 cores; kd-mlflow server turns it off the same way.

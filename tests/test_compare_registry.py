@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import BIN, REPO, mlflow_run, runs_of, unique_experiment
+from conftest import BIN, REPO, mlflow_run, runs_of, sqlite_store, unique_experiment
 
 from kd_mlflow.benchmark import BENCHMARK_FIELDS, parse_modes, plan
 from kd_mlflow.cli import main
@@ -513,7 +513,7 @@ def test_sigterm_stops_a_jobs_benchmark_and_its_workers_with_every_run_killed(tm
     ckpt = save_model_checkpoint(tmp_path / "teacher.pt", create_model("resnet8", 10, 1),
                                  {"arch": "resnet8", "dataset": "fashion_mnist", "num_classes": 10,
                                   "in_channels": 1, "test_acc": 12.5})
-    tracking = f"sqlite:///{tmp_path}/jobs.db"
+    tracking = sqlite_store(tmp_path, "jobs.db")
     cmd = [str(BIN / "kd-mlflow"), "benchmark", "--jobs", "2", "--threads", "1", "--experiment", "jobs-sigterm",
            "--teacher_checkpoint", str(ckpt)]
     for k, v in {**BENCH, "epochs": 200}.items():

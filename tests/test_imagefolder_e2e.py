@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mlflow_run, runs_of
+from conftest import mlflow_run, runs_of, sqlite_store
 from imagefolder_fixture import CLASSES, make_image_folder
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,7 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
     from mlflow import MlflowClient
     import mlflow.pyfunc
 
-    store = f"sqlite:///{tmp_path}/mlflow.db"
+    store = sqlite_store(tmp_path)
     params = {**SMALL, "data_dir": folder, "student": "tv-mobilenet_v3_small",
               "teacher": "torchvision:resnet18", "teacher_checkpoint": teacher_file, "registered_model": "fruit-kd"}
     proc = mlflow_run("kd", store, "imagefolder-e2e", params)
@@ -138,7 +138,7 @@ def test_kd_through_mlflow_run(folder, teacher_file, tmp_path, own_tracking_uri)
 
 @pytest.mark.parametrize("mode,loading", [("nokd", "memory"), ("sfd", "stream")])
 def test_nokd_and_a_feature_mode_through_mlflow_run(mode, loading, folder, teacher_file, tmp_path):
-    store = f"sqlite:///{tmp_path}/mlflow.db"
+    store = sqlite_store(tmp_path)
     params = {**SMALL, "data_dir": folder, "student": "tv-resnet18", "teacher": "tv-resnet18",
               "teacher_checkpoint": teacher_file, "data_loading": loading}
     proc = mlflow_run(mode, store, f"if-{mode}", params)
@@ -161,8 +161,8 @@ def test_a_teacher_trained_on_the_folder_teaches(folder, tmp_path, monkeypatch, 
     from kd_mlflow.teachers import load_teacher
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    own_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path))
+    own_tracking_uri(sqlite_store(tmp_path))
     out = tmp_path / "fruit-resnet8.pt"
     values = {**SMALL, "system_metrics": False, "data_dir": str(folder), "epochs": 1}
     result = run(Config.for_mode("teacher", arch="resnet8", output=str(out), experiment="if-teacher", **values))
@@ -184,8 +184,8 @@ def test_a_torchvision_teacher_trains_on_a_small_folder_at_the_defaults(tmp_path
 
     folder = make_glyph_folder(tmp_path / "glyphs", train_per_class=100, test_per_class=20)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    own_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path))
+    own_tracking_uri(sqlite_store(tmp_path))
     cfg = Config.for_mode("teacher", arch="tv-resnet18", dataset="imagefolder", data_dir=str(folder), image_size=32,
                           val_size=100, device="cpu", system_metrics=False, experiment="glyphs",
                           output=str(tmp_path / "glyphs-tv-resnet18.pt"))

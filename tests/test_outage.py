@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, start_mlflow_server, stop_server
+from conftest import REPO, free_port, sqlite_store, start_mlflow_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -315,7 +315,7 @@ def test_sync_nests_a_run_created_offline_under_a_parent_created_offline_too(tmp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tracking.offline, "OFFLINE_DIRS", [])  # this process's CLI must not see them
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sqlite_store
+
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--train-subset", "1000", "--val-size", "300", "--test-subset", "300", "--batch-size", "100",
         "--epochs", "3", "--device", "cpu", "--experiment", "resume"]
@@ -25,7 +27,7 @@ MODE_ARGS = {"nokd": [], "uda": ["--teacher", "pretrained:fashion_mnist-resnet20
 
 
 def _env(tmp_path):
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    return {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path),
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from conftest import sqlite_store
+
 from kd_mlflow.checkpoint import save_model_checkpoint
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.models import create_model
@@ -24,7 +26,7 @@ def store(tmp_path_factory):
     seconds); each test works in its own experiment."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp("mlflow"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_REGISTRY_URI", uri)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sqlite_store
 from imagefolder_fixture import make_image_folder
 from kd_mlflow.config import Config, ConfigError
 from kd_mlflow.teachers import finetune_heads, load_teacher
@@ -58,8 +59,8 @@ def test_a_nested_run_before_distillation(setup, tmp_path, monkeypatch, own_trac
 
     folder, ckpt, _ = setup
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    own_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path))
+    own_tracking_uri(sqlite_store(tmp_path))
     result = run(Config.for_mode("kd", data_dir=str(folder), teacher_checkpoint=str(ckpt), teacher_finetune_epochs=1,
                                  experiment="finetune", **SMALL))
     client = mlflow.MlflowClient()

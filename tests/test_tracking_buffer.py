@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import free_port
+from conftest import free_port, sqlite_store
 
 from kd_mlflow import tracking
 
@@ -42,7 +42,7 @@ def test_flush_waits_until_every_point_is_in_the_run(tmp_path, monkeypatch, own_
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/flush.db"
+    uri = sqlite_store(tmp_path, "flush.db")
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("flush")).info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
