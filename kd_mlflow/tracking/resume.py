@@ -90,7 +90,7 @@ def finished_cells_of_stopped_parents(parent_run_id: str, cell: str) -> list:
     value = cell.replace("'", "\\'")
     runs = client.search_runs([experiment_id],
                               filter_string=f"tags.`{CELL_TAG}` = '{value}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+                              order_by=["attributes.start_time DESC"], max_results=1000)  # one per seed, and more
     status: dict[str, str] = {}
     found = []
     for run in runs:
