@@ -262,13 +262,23 @@ def run(cfg: Config, tracker_factory=None):
             return _run_prepared(cfg, mode, impl, rt, tracker_factory or start_run)
 
 
-def provenance() -> dict:
+def provenance(rt: Runtime) -> dict:
     """Tags that say what a run's numbers depend on besides its params and seed: the code,
-    torch, the CPU's kernels, and the threads it really ran with."""
+    torch, the device, the CPU's kernels, the precision and the threads it really ran with
+    (every run has them, a strategy's stages and a teacher's head fine-tuning too)."""
     from .tracking import code_version
 
-    return {"code_version": code_version(), "torch_version": torch.__version__, "cpu_kind": cpu_kind(),
-            "threads": str(torch.get_num_threads())}
+    return {"device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+            "world_size": str(distributed.world_size()), "code_version": code_version(),
+            "torch_version": torch.__version__, "cpu_kind": cpu_kind(), "threads": str(torch.get_num_threads())}
+
+
+def run_tags(cfg: Config, rt: Runtime, teacher: str) -> dict:
+    """The tags of a run that trains ``cfg`` (a top-level run or a strategy's stage): what
+    it is, and how it ran (provenance)."""
+    return {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher, **provenance(rt),
+            # what optimizer=auto and lr=0 resolved to for this network (params say what was asked)
+            "optimizer": cfg.optimizer_used, "lr": f"{cfg.lr_used:g}"}
 
 
 def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
@@ -301,11 +311,7 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
                   file=sys.stderr)
     data = load_data(cfg)
 
-    tags = {"mode": cfg.mode, "dataset": cfg.dataset, "student": cfg.network, "teacher": teacher_tag,
-            "device": str(rt.device), "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-            "world_size": str(distributed.world_size()), **provenance(),
-            # what optimizer=auto and lr=0 resolved to for this network (params say what was asked)
-            "optimizer": cfg.optimizer_used, "lr": f"{cfg.lr_used:g}"}
+    tags = run_tags(cfg, rt, teacher_tag)
     extra = {"run_id": resume_run} if resume_run else {}
     with _terminate_on_sigterm() as sigterm, \
             _open_run(start, cfg.params(), tags, run_name=f"{cfg.mode}-{cfg.network}", **extra) as tracker:
@@ -313,7 +319,7 @@ def _run_prepared(cfg: Config, mode, impl, rt: Runtime, start):
             tracker.monitor_system()  # rank 0's run only: the other ranks hold a _RankTracker
         try:
             # A teacher whose checkpoint had another class count: its new head first.
-            teachers, metas = finetune_heads(cfg, teachers, metas, data, tracker, rt)
+            teachers, metas = finetune_heads(cfg, teachers, metas, data, tracker, rt, provenance(rt))
             if mode.kind == "strategy":
                 result = impl(cfg, data, teachers, metas, tracker, rt)
             else:

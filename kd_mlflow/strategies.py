@@ -22,7 +22,7 @@ from .config import Config, ConfigError
 from .methods.base import NoKD
 from .methods.kd.distiller import HintonKD
 from .models import ARCHITECTURES, is_known_architecture
-from .runner import Runtime, TrainResult, train_student
+from .runner import Runtime, TrainResult, run_tags, train_student
 from .tracking.cleanup import release_workdir
 from .teachers import load_teacher, teacher_source
 
@@ -36,9 +36,7 @@ def train_child(parent_cfg: Config, child_cfg: Config, distiller_cls, data, teac
     The child logs its own procedure's params (``child_cfg.params()``) and is tagged
     with ``parent_mode`` so comparisons can tell it from a top-level run of the same mode.
     """
-    tags = {"mode": child_cfg.mode, "parent_mode": parent_cfg.mode, "stage": stage,
-            "dataset": child_cfg.dataset, "student": child_cfg.network, "teacher": teacher,
-            **(extra_tags or {})}
+    tags = {**run_tags(child_cfg, rt, teacher), "parent_mode": parent_cfg.mode, "stage": stage, **(extra_tags or {})}
     with tracker.child(run_name, tags=tags) as child:
         child.log_params(child_cfg.params())
         result = train_student(child_cfg, distiller_cls, data, teachers, child, rt, teacher_meta=teacher_meta,

@@ -16,6 +16,7 @@ from kd_mlflow.models import create_model
 from kd_mlflow.teachers.pretrained import PRETRAINED_DIR
 from kd_mlflow.runner import run
 
+PROVENANCE = ("code_version", "torch_version", "cpu_kind", "precision", "threads")
 TINY = dict(dataset="fashion_mnist", student="resnet8", epochs=1, train_subset=256, val_size=128, test_subset=256,
             batch_size=64, device="cpu", precision="fp32")
 
@@ -192,6 +193,8 @@ def test_allkd_trains_missing_teacher_then_one_student_per_teacher(env, tmp_path
     assert len(children) == 3 and len(teachers) == 1 and len(students) == 2
     assert teachers[0].data.params["arch"] == arch and teachers[0].data.params["epochs"] == "1"
     assert all(c.data.tags["parent_mode"] == "allkd" for c in children)
+    for tag in PROVENANCE:  # the teacher trained here as well as the students (cells)
+        assert {c.data.tags[tag] for c in children} == {parent.data.tags[tag]}, tag
     assert sorted(s.data.params["teacher"] for s in students) == sorted([arch, "resnet8"])
     assert all(s.data.params["temperature"] == str(cfg.temperature) for s in students)
 
@@ -239,6 +242,8 @@ def test_takd_chains_teacher_assistant_student(env, tmp_path):
     assert link2.data.params["teacher_checkpoint"] == "models:/fashion_mnist-resnet14-takd-assistant/1"
     assert link2.data.metrics["teacher_test_acc"] == pytest.approx(link1.data.metrics["test_acc"])
     assert all(c.data.tags["parent_mode"] == "takd" and c.data.tags["mode"] == "kd" for c in children)
+    for tag in PROVENANCE:  # every link says what its numbers depend on, as the parent does
+        assert {c.data.tags[tag] for c in children} == {parent.data.tags[tag]}, tag
 
     m = parent.data.metrics
     for i, child in enumerate(children, start=1):

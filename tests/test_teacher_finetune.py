@@ -73,3 +73,5 @@ def test_a_nested_run_before_distillation(setup, tmp_path, monkeypatch, own_trac
     assert child.data.params["classes_in_checkpoint"] == "1000" and "val_acc" in child.data.metrics
     assert parent.data.metrics["teacher_test_acc"] == child.data.metrics["test_acc"]
     assert parent.data.params["teacher_finetune_epochs"] == "1" and parent.info.status == "FINISHED"
+    for tag in ("code_version", "torch_version", "cpu_kind", "precision", "threads", "device"):
+        assert child.data.tags[tag] == parent.data.tags[tag], tag  # what its numbers depend on

@@ -147,11 +147,13 @@ class _HeadOnly(torch.nn.Module):
         return self
 
 
-def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) -> tuple[list, list]:
+def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt,
+                   provenance: dict | None = None) -> tuple[list, list]:
     """Teachers whose checkpoint had another number of classes (load_teacher with
     teacher_finetune_epochs) get their new classifier trained on the frozen network, on
     the run's training split, selected by validation accuracy, each in a nested run
-    ``teacher-finetune`` (its epochs' metrics, then test_acc) -> (teachers, metas)."""
+    ``teacher-finetune`` (its epochs' metrics, then test_acc, tagged with ``provenance``,
+    the runner's) -> (teachers, metas)."""
     from ..methods.base import NoKD
     from ..tracking import cleanup
     from ..trainer import Trainer, count_correct, exported_test_batches, seed_everything
@@ -161,8 +163,8 @@ def finetune_heads(cfg: Config, teachers: list, metas: list, data, tracker, rt) 
         if "finetune_head_from" not in meta:
             continue
         head_cfg = cfg.replace(mode="nokd", epochs=cfg.teacher_finetune_epochs, registered_model="")
-        tags = {"mode": "teacher-finetune", "parent_mode": cfg.mode, "stage": "teacher finetune",
-                "dataset": cfg.dataset, "student": meta["arch"], "teacher": "none"}
+        tags = {**(provenance or {}), "mode": "teacher-finetune", "parent_mode": cfg.mode,
+                "stage": "teacher finetune", "dataset": cfg.dataset, "student": meta["arch"], "teacher": "none"}
         with tracker.child(f"teacher-finetune-{canonical(meta['arch'])}", tags=tags) as child:
             child.log_params({"arch": meta["arch"], "epochs": head_cfg.epochs, "lr": head_cfg.lr_used,
                               "classes_in_checkpoint": meta["finetune_head_from"], "seed": cfg.seed})
