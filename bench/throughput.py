@@ -484,7 +484,7 @@ def main(argv=None) -> dict:
                     help="CPU table: comma-separated modes (default: every distiller mode; quick: "
                          + ",".join(QUICK_MODES) + ")")
     ap.add_argument("--images", type=int, default=0,
-                    help="training images per epoch (default 12800, --cifar-shaped 51200; quick 512)")
+                    help="training images per epoch (default 12800, --cifar-shaped 51200; quick 256)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     ap.add_argument("--device", default="auto")
@@ -500,7 +500,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default="", help="Fashion-MNIST directory (else $KD_DATA_DIR, the Debian package)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    n = args.images or (512 if args.quick else 51200 if args.cifar_shaped else 12800)
+    n = args.images or (256 if args.quick else 51200 if args.cifar_shaped else 12800)
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
     cfg = Config.for_mode("kd", batch_size=args.batch_size, train_subset=n, val_size=256, test_subset=256,
