@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_mlflow.cli import main  # noqa: E402
+from kd_mlflow.cli import program  # noqa: E402
 
 if __name__ == "__main__":
-    main(prog_name="kd-mlflow")
+    program()
