@@ -11,7 +11,8 @@ from kd_mlflow.modes import MODES
 
 pytestmark = pytest.mark.e2e
 
-ONE_EPOCH = {**TINY, "epochs": 1}
+# what these tests check (terms logged, runs nested, models registered) needs few images
+ONE_EPOCH = {**TINY, "epochs": 1, "train_subset": 400, "val_size": 200, "test_subset": 300}
 
 # Every single-training mode of the registry runs here, except those with a test of their
 # own (below, or nokd/kd in test_e2e_core.py), with the loss terms its declaration names.
@@ -54,7 +55,7 @@ def test_single_training_mode(mode, teacher_run, mlflow_server):
 def test_ab_has_two_phases(teacher_run, mlflow_server):
     experiment = unique_experiment("ab")
     mlflow_run("ab", mlflow_server, experiment,
-               {**TINY, "epochs": 3, "ab_epochs": 1, "teacher_checkpoint": teacher_run["checkpoint"]})
+               {**ONE_EPOCH, "epochs": 3, "ab_epochs": 1, "teacher_checkpoint": teacher_run["checkpoint"]})
     client, runs = runs_of(mlflow_server, experiment)
     run = runs[0]
     _check_single(client, run, "ab", ("ce", "kd"))
