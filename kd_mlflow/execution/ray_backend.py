@@ -22,12 +22,32 @@ LOCAL_OBJECT_STORE = 128 * 1024**2  # outcomes are a few hundred bytes; the defa
 def _cell_task(cell: Cell, job: Job, env: dict, driver_code: str) -> Outcome:
     """One cell in a Ray worker process (which trains cells one after another and keeps
     its teacher cache between them)."""
+    _python_handles_sigint()
     refused = enter_worker(job, env, driver_code)
     if refused:
         return Outcome(cell.index, error=refused, node=socket.gethostname())
     outcome = run_cell_here(cell, job)
     outcome.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
     return outcome
+
+
+def _python_handles_sigint() -> None:
+    """Ray stops a running task (ray.cancel, which the driver sends on SIGTERM or Ctrl-C)
+    by simulating SIGINT in the worker's main thread, which raises KeyboardInterrupt only
+    where Python handles SIGINT. A process that starts with SIGINT ignored keeps it ignored
+    (Python installs its handler only where SIGINT has the default action), and so do the
+    processes it starts: a driver run as `cmd &` from a script or a non-interactive shell
+    (POSIX ignores SIGINT in such background jobs), as under `nohup ... &` in a script,
+    hands the ignore down through Ray's raylet to every worker, and its cells cannot be
+    stopped. The cell puts Python's handler back, saying so in the worker's log."""
+    import signal
+    import sys
+
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not signal.default_int_handler:
+        print(f"kd-mlflow: this Ray worker's SIGINT handler was {handler!r}; Python's default is set "
+              f"again so that a stop reaches its cells", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _connect(opts: Options, echo) -> bool:
