@@ -199,8 +199,12 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
     resumed = ""
     tracked = isinstance(getattr(parent, "_inner", parent), MlflowTracker) and not parent.offline.record.get(
         "created_offline")
+
+    def same_cell(run) -> bool:  # this cell's numbers: made by this code, with these settings
+        return run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg)
+
     for run in finished_cells_of_stopped_parents(job.parent_run_id, key) if tracked and job.adopt_finished else []:
-        if run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg):
+        if same_cell(run):
             adopted = adopt_cell_run(run, job.parent_run_id)
             if adopted is not None:
                 m = run.data.metrics
@@ -211,8 +215,7 @@ def _run_cell(cell: Cell, job: Job, wrap=None) -> Outcome:
                                test_images=int(m["test_images"]) if "test_images" in m else None,
                                model_uri=adopted[0], card=adopted[1])
     for run in unfinished_cell_runs(job.parent_run_id, key) if tracked else []:
-        if (run.data.tags.get("code_version") == code_version() and _same_settings(run, cfg)
-                and (cleanup.RUNS_DIR / run.info.run_id / "last.pt").is_file()):
+        if same_cell(run) and (cleanup.RUNS_DIR / run.info.run_id / "last.pt").is_file():
             resumed = run.info.run_id
             cfg = cfg.replace(resume=resumed)
             break
