@@ -221,7 +221,7 @@ def test_server_gone_for_good_writes_offline_dir_that_sync_uploads_once(tmp_path
 PAUSED_BEFORE_SECOND_CHILD = """
 import pathlib, time
 from kd_mlflow import tracking
-from kd_mlflow.cli import main
+from kd_mlflow.cli import program
 
 opened, child = [], tracking.MlflowTracker.child
 
@@ -234,7 +234,7 @@ def paused_child(self, name, tags=None):
     return child(self, name, tags)
 
 tracking.MlflowTracker.child = paused_child
-main(prog_name="kd-mlflow")
+program()
 """
 
 
