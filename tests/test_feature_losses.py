@@ -539,3 +539,20 @@ def test_bf16_autocast_losses_are_fp32(mode):
         total = sum(losses.values())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     total.backward()
+
+
+def test_relation_matrices_are_fp32_under_bf16_autocast():
+    """rkd's cosines and sp's Gram matrix are products of embeddings that bf16 autocast
+    would run in bf16 (8-bit mantissa: cosines off by ~4e-3). Both say they are fp32: under
+    autocast they must be the very tensors computed without it."""
+    from kd_mlflow.methods.rkd.distiller import relations
+    from kd_mlflow.methods.sp.distiller import similarity
+
+    torch.manual_seed(0)
+    e = torch.randn(16, 8)
+    a = torch.relu(torch.randn(16, 4, 3, 3))
+    plain = (*relations(e), similarity(a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = (*relations(e), similarity(a))
+    for name, p, u in zip(("distances", "cosines", "gram"), plain, under):
+        assert u.dtype == torch.float32 and torch.equal(p, u), name

@@ -23,8 +23,13 @@ def relations(e: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch
     norm, taken from the same squared distances).
 
     Both come from one [N, N, D] tensor of differences, built and differentiated once.
+    Autocast is off here: it would run the cosines' bmm in bf16.
     """
-    e = e.float()
+    with torch.autocast(e.device.type, enabled=False):
+        return _relations(e.float(), angles)
+
+
+def _relations(e: torch.Tensor, angles: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     diff = e.unsqueeze(0) - e.unsqueeze(1)  # [j, i] = e_i - e_j
     sq = diff.pow(2).sum(-1)
     d = sq.clamp_min(1e-12).sqrt()

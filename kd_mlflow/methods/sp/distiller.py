@@ -18,9 +18,11 @@ from ..base import Distiller
 
 
 def similarity(activations: torch.Tensor) -> torch.Tensor:
-    """The row-normalised b x b Gram matrix of a batch of activations (any trailing shape)."""
+    """The row-normalised b x b Gram matrix of a batch of activations (any trailing shape),
+    in fp32: autocast, which would run the product in bf16, is off here."""
     q = activations.float().flatten(1)
-    return F.normalize(q @ q.t(), p=2, dim=1)
+    with torch.autocast(q.device.type, enabled=False):
+        return F.normalize(q @ q.t(), p=2, dim=1)
 
 
 def sp_loss(student_activations: torch.Tensor, teacher_activations: torch.Tensor) -> torch.Tensor:
