@@ -3,6 +3,7 @@
     python bench/throughput.py                 # CPU, Fashion-MNIST, every mode, fp32 and bf16 (tens of minutes)
     python bench/throughput.py --modes rkd,oh  # CPU, only these modes' rows
     python bench/throughput.py --quick         # tiny smoke run (what the test suite runs)
+    python bench/throughput.py --modes kd,rkd --repeats 3   # medians of 3 runs and the ratio's spread
     python bench/throughput.py --device cuda --cifar-shaped   # GPU: 3x32x32 inputs, batch sweep
     python bench/throughput.py --device cuda --cifar-shaped --compile --batch-sizes 1024
     python bench/throughput.py --accuracy-epochs 5          # test_acc: fp32 against --precision
@@ -50,6 +51,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -362,6 +364,16 @@ def package_epochs(mode: str, data: DataBundle, cfg: Config, device, amp, tracke
             "train_loss": last["train_loss"], "pair": f"{'+'.join(archs) or 'no teacher'} -> {student_arch or STUDENT}"}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median img/s among ``runs`` (the lower one of an even count), with every
+    run's img/s under "runs" when there is more than one."""
+    ordered = sorted(runs, key=lambda r: r["images_per_second"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        chosen["runs"] = [r["images_per_second"] for r in runs]
+    return chosen
+
+
 # ------------------------------------------------------------------ overheads
 def mlflow_overheads(data: DataBundle, cfg: Config, device, amp, tmp: Path) -> dict:
     import mlflow
@@ -487,6 +499,9 @@ def main(argv=None) -> dict:
                     help="training images per epoch (default 12800, --cifar-shaped 51200; quick 256)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="CPU table: measure each row this many times, the package and the reference in turn; "
+                         "the table gives medians and the spread of the ratio")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--cifar-shaped", action="store_true", help="GPU table: random 3x32x32 uint8 data")
@@ -500,6 +515,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default="", help="Fashion-MNIST directory (else $KD_DATA_DIR, the Debian package)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats > 1 and (args.cifar_shaped or args.accuracy_epochs):
+        ap.error("--repeats applies to the CPU table only; leave it out with --cifar-shaped or --accuracy-epochs")
     n = args.images or (256 if args.quick else 51200 if args.cifar_shaped else 12800)
     device = resolve_device(args.device)
     amp = resolve_precision(args.precision, device)
@@ -507,7 +526,7 @@ def main(argv=None) -> dict:
                           device=args.device, precision=args.precision, data_dir=args.data_dir)
     result = {"device": str(device), "precision": "bf16" if amp is not None else "fp32",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "images_per_epoch": n,
-              "batch_size": args.batch_size, "cpu": _cpu_name(), "modes": {}}
+              "batch_size": args.batch_size, "cpu": _cpu_name(), "repeats": args.repeats, "modes": {}}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     path = Path(args.json) if args.json else REPO / "bench" / "results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -533,14 +552,26 @@ def main(argv=None) -> dict:
                 # re-checked on any machine: its row must be the faster one (--quick: kd's
                 # row only; emulated bf16 is up to 10x slower than fp32).
                 both = not args.quick or mode == "kd"
-                row = {f"package_{name}": package_epochs(mode, data, cfg.replace(compile=args.compile), device,
-                                                         dtype, NullTracker())
-                       for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
-                       if both or name == result["precision"]}
+                precisions = [(name, dtype) for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+                              if both or name == result["precision"]]
+                # --repeats: the package and the reference measured in turn, so that both
+                # see the machine in the same state; each row keeps every run and the median.
+                runs = {name: [] for name, _ in precisions}
+                refs = []
+                for _ in range(args.repeats):
+                    for name, dtype in precisions:
+                        runs[name].append(package_epochs(mode, data, cfg.replace(compile=args.compile), device,
+                                                         dtype, NullTracker()))
+                    if mode in REFERENCE_MODES:
+                        refs.append(reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device))
+                row = {f"package_{name}": median_run(runs[name]) for name, _ in precisions}
                 row["package"] = row[f"package_{result['precision']}"]
-                if mode in REFERENCE_MODES:
-                    ref = reference_epoch(mode, dataset, n, args.batch_size, args.workers, device=device)
+                if refs:
+                    ref = statistics.median_low(refs)  # as median_run: a measured value, never a mean of two
                     row.update(reference_images_per_second=ref, ratio=row["package"]["images_per_second"] / ref)
+                    if args.repeats > 1:
+                        package_runs = [r["images_per_second"] for r in runs[result["precision"]]]
+                        row.update(reference_runs=refs, ratio_runs=[p / r for p, r in zip(package_runs, refs)])
                 result["modes"][mode + (" compile" if args.compile else "")] = row
                 save(result)
         if not args.compile:  # with --compile, the table rows only: the overheads are the default run's
@@ -568,7 +599,12 @@ def _print_table(r: dict) -> None:
     both = any("package_fp32" in m for m in r["modes"].values())
     if r["modes"]:
         head = f"{'fp32 img/s':>12}{'bf16 img/s':>12}{'auto/other':>12}" if both else ""
-        print(f"{'mode':<44}{head}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}")
+        spread = r.get("repeats", 1) > 1
+        print(f"{'mode':<44}{head}{'package img/s':>15}{'reference img/s':>17}{'ratio':>8}"
+              + (f"{'ratio range':>14}" if spread else ""))
+        if spread:
+            print(f"(medians of {r['repeats']} runs, the package and the reference in turn; ratio range: the lowest "
+                  f"and highest of the runs' own ratios)")
         if both:
             print(f"(package img/s: precision=auto, which picks {r['precision']} here; auto/other: its img/s "
                   f"over the other precision's)")
@@ -582,7 +618,9 @@ def _print_table(r: dict) -> None:
             fp32, bf16 = m["package_fp32"]["images_per_second"], m["package_bf16"]["images_per_second"]
             other = bf16 if r["precision"] == "fp32" else fp32
             cols = f"{fp32:>12.0f}{bf16:>12.0f}{m['package']['images_per_second'] / other:>11.2f}x"
-        print(f"{label:<44}{cols}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}")
+        ratios = m.get("ratio_runs")
+        range_text = f"{min(ratios):>8.2f}-{max(ratios):.2f}x" if ratios else ""
+        print(f"{label:<44}{cols}{m['package']['images_per_second']:>15.0f}{ref_text:>17}{ratio_text:>8}{range_text}")
     if "mlflow" in r:
         ml = r["mlflow"]
         print(f"MLflow tracker calls: {ml['tracker_seconds_per_epoch'] * 1000:.1f} ms/epoch = "

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_throughput_benchmark_quick(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--repeats", "2",
+                           "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -28,3 +29,13 @@ def test_throughput_benchmark_quick(tmp_path):
     assert result["startup_seconds"]["fresh_store"] > 0 and result["startup_seconds"]["existing_store"] > 0
     assert result["memory"]["process_peak_rss_mib"] > 0
     assert "ratio" in proc.stdout and "auto/other" in proc.stdout
+    # --repeats 2: every run kept; the row is the lower of the two (a measured run, not a mean),
+    # and each run's own ratio pairs the package's and the reference's runs in turn
+    assert result["repeats"] == 2 and "ratio range" in proc.stdout
+    for mode in result["modes"].values():
+        runs, refs = mode["package"]["runs"], mode["reference_runs"]
+        assert len(runs) == len(refs) == 2
+        assert mode["package"]["images_per_second"] == min(runs)
+        assert mode["reference_images_per_second"] == min(refs)
+        assert mode["ratio"] == min(runs) / min(refs)
+        assert mode["ratio_runs"] == [p / r for p, r in zip(runs, refs)]
