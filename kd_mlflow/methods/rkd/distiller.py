@@ -26,21 +26,18 @@ def relations(e: torch.Tensor, angles: bool = True) -> tuple[torch.Tensor, torch
     Autocast is off here: it would run the cosines' bmm in bf16.
     """
     with torch.autocast(e.device.type, enabled=False):
-        return _relations(e.float(), angles)
-
-
-def _relations(e: torch.Tensor, angles: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    diff = e.unsqueeze(0) - e.unsqueeze(1)  # [j, i] = e_i - e_j
-    sq = diff.pow(2).sum(-1)
-    d = sq.clamp_min(1e-12).sqrt()
-    n = len(e)
-    positive = (sq > 0) & ~torch.eye(n, dtype=torch.bool, device=e.device)
-    mean = (d * positive).sum() / positive.sum().clamp_min(1)
-    distances = d / mean.clamp_min(1e-12)
-    if not angles:
-        return distances, None
-    unit = diff / sq.clamp_min(1e-24).sqrt().unsqueeze(-1)
-    return distances, torch.bmm(unit, unit.transpose(1, 2))
+        e = e.float()
+        diff = e.unsqueeze(0) - e.unsqueeze(1)  # [j, i] = e_i - e_j
+        sq = diff.pow(2).sum(-1)
+        d = sq.clamp_min(1e-12).sqrt()
+        n = len(e)
+        positive = (sq > 0) & ~torch.eye(n, dtype=torch.bool, device=e.device)
+        mean = (d * positive).sum() / positive.sum().clamp_min(1)
+        distances = d / mean.clamp_min(1e-12)
+        if not angles:
+            return distances, None
+        unit = diff / sq.clamp_min(1e-24).sqrt().unsqueeze(-1)
+        return distances, torch.bmm(unit, unit.transpose(1, 2))
 
 
 def rkd_losses(es: torch.Tensor, et: torch.Tensor,
