@@ -570,8 +570,8 @@ def main(argv=None) -> dict:
                     ref = statistics.median_low(refs)  # as median_run: a measured value, never a mean of two
                     row.update(reference_images_per_second=ref, ratio=row["package"]["images_per_second"] / ref)
                     if args.repeats > 1:
-                        package_runs = [r["images_per_second"] for r in runs[result["precision"]]]
-                        row.update(reference_runs=refs, ratio_runs=[p / r for p, r in zip(package_runs, refs)])
+                        row.update(reference_runs=refs,
+                                   ratio_runs=[p / r for p, r in zip(row["package"]["runs"], refs)])
                 result["modes"][mode + (" compile" if args.compile else "")] = row
                 save(result)
         if not args.compile:  # with --compile, the table rows only: the overheads are the default run's
